@@ -1,0 +1,47 @@
+"""picopool: asyncpg's Pool API over a PostgreSQL-protocol cluster.
+
+    pool = await picopool.create_pool("postgres://app@h1:5432,h2:5432/app")
+    rows = await pool.fetch("SELECT * FROM items")
+
+picopool discovers the cluster's instances, keeps one asyncpg sub-pool per
+instance, routes each request to an instance that can serve it and follows
+the topology as it changes.
+"""
+
+from ._dsn import mask_dsn
+from ._errors import (
+    ConfigurationError,
+    NoAvailableInstanceError,
+    PicopoolError,
+    PoolClosedError,
+    TopologyError,
+)
+from ._pool import InstanceStats, Pool, PoolStats, create_pool
+from ._topology import Address, Instance, Role, Topology
+
+__all__ = [
+    "Address",
+    "ConfigurationError",
+    "Instance",
+    "InstanceStats",
+    "NoAvailableInstanceError",
+    "PicopoolError",
+    "Pool",
+    "PoolClosedError",
+    "PoolStats",
+    "Role",
+    "Topology",
+    "TopologyError",
+    "create_pool",
+    "mask_dsn",
+]
+
+for _name in __all__:
+    _obj = globals()[_name]
+    if hasattr(_obj, "__module__"):
+        try:
+            _obj.__module__ = __name__
+        except (AttributeError, TypeError):
+            pass
+
+__version__ = "0.1.0"

@@ -1,0 +1,19 @@
+"""Discovery providers: how picopool learns a cluster's instances.
+
+Each provider turns one source of truth into :class:`~picopool.Instance`
+values. Implement :class:`DiscoveryProvider` to add another.
+"""
+
+from ._auto import detect_provider
+from ._base import Discovered, DiscoveryContext, DiscoveryProvider
+from ._static import Static
+from ._streaming import Streaming
+
+__all__ = [
+    "Discovered",
+    "DiscoveryContext",
+    "DiscoveryProvider",
+    "Static",
+    "Streaming",
+    "detect_provider",
+]
