@@ -28,6 +28,7 @@ class Member:
         "last_error",
         "open_until",
         "pool",
+        "probing",
         "served",
     )
 
@@ -40,6 +41,7 @@ class Member:
         self.failures = 0
         self.last_error: str | None = None
         self.open_until = 0.0  # monotonic time before which the breaker is open
+        self.probing = False  # a half-open breaker lets one request through at a time
 
     @property
     def ready(self) -> bool:

@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Generator, Iterable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import (
+    AsyncIterator,
+    Callable,
+    Collection,
+    Generator,
+    Iterable,
+    Iterator,
+    Sequence,
+)
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal
@@ -23,13 +33,82 @@ from ._errors import (
     describe_error,
 )
 from ._member import Member, is_connection_error
-from ._routing import RoleRequest, eligible, parse_role
+from ._routing import (
+    Decision,
+    ReadWriteSplit,
+    RoleRequest,
+    RoutingPolicy,
+    decide,
+    eligible,
+    parse_role,
+    read_request,
+)
 from ._service import ServiceConnections
-from ._topology import Instance, Topology, plan_reconcile
+from ._sql import classify
+from ._topology import Instance, Role, Topology, plan_reconcile
 from .discovery import DiscoveryProvider, detect_provider
 from .strategies import BalanceStrategy, Candidate, RoundRobin
 
 logger = logging.getLogger("picopool")
+
+_route_scope: contextvars.ContextVar[RoleRequest | None] = contextvars.ContextVar(
+    "picopool_route", default=None)
+
+
+class _CausalScope:
+    """A read-your-writes scope: the WAL position reads must have reached."""
+
+    __slots__ = ("lsn",)
+
+    def __init__(self, lsn: int = 0) -> None:
+        self.lsn = lsn
+
+    def token(self) -> str:
+        """The position as a string to carry to a later request."""
+        return format_causal_token(self.lsn)
+
+    def __repr__(self) -> str:
+        return f"<read_your_writes {self.token()}>"
+
+
+_causal_scope: contextvars.ContextVar[_CausalScope | None] = contextvars.ContextVar(
+    "picopool_causal", default=None)
+
+
+def parse_lsn(text: str | None) -> int:
+    """``'16/B374D848'`` -> an integer WAL position (0 for None)."""
+    if not text:
+        return 0
+    high, _, low = text.partition("/")
+    return (int(high, 16) << 32) + int(low, 16)
+
+
+def format_lsn(position: int) -> str:
+    return f"{position >> 32:X}/{position & 0xFFFFFFFF:X}"
+
+
+_TOKEN_PREFIX = "pp1:"
+
+# Seconds behind: zero when everything received is replayed (an idle primary is
+# not lag), else the age of the last replayed transaction.
+_REPLICA_LAG_QUERY = """SELECT pg_last_wal_replay_lsn()::text,
+    CASE WHEN pg_last_wal_receive_lsn() IS NULL
+              OR pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0
+         ELSE extract(epoch FROM now() - pg_last_xact_replay_timestamp()) END"""
+
+
+def format_causal_token(position: int) -> str:
+    return _TOKEN_PREFIX + format_lsn(position)
+
+
+def parse_causal_token(token: str) -> int:
+    """Read a token made by :meth:`Pool.causal_token`; garbage is a ConfigurationError."""
+    if not token.startswith(_TOKEN_PREFIX):
+        raise ConfigurationError(f"not a picopool read-your-writes token: {token[:40]!r}")
+    try:
+        return parse_lsn(token[len(_TOKEN_PREFIX):])
+    except ValueError:
+        raise ConfigurationError(f"malformed read-your-writes token: {token[:40]!r}") from None
 
 #: What ``asyncpg.create_pool`` takes besides connect kwargs; forwarded per instance.
 _POOL_OPTIONS = (
@@ -83,6 +162,14 @@ class Pool:
         failover_timeout: float,
         drain_timeout: float,
         connect_timeout: float,
+        policy: RoutingPolicy,
+        check_function_volatility: bool,
+        max_replica_lag_bytes: int | None,
+        max_replica_lag_seconds: float | None,
+        read_your_writes: bool,
+        causal_wait: float,
+        max_retries: int,
+        health_check_interval: float | None,
         pool_options: dict[str, Any],
         connect_kwargs: dict[str, Any],
     ) -> None:
@@ -123,6 +210,26 @@ class Pool:
         self._refresh_failures = 0
         self._last_refresh_error: str | None = None
         self._acquire_errors = 0
+        self._retries = 0
+        self._policy = policy
+        self._check_volatility = check_function_volatility
+        self._volatility: dict[str, bool] = {}
+        self._max_lag_bytes = max_replica_lag_bytes
+        self._max_lag_seconds = max_replica_lag_seconds
+        self._lag: dict[str, tuple[int | None, float | None]] = {}
+        self._replay_lsn: dict[str, int] = {}
+        self._read_your_writes = read_your_writes
+        self._causal_wait = causal_wait
+        self._pool_lsn = 0
+        self._max_retries = max_retries
+        self._health_check_interval = health_check_interval
+        self._last_health_check = time.monotonic()
+        self._members_demoted: set[str] = set()
+        # Raw connections whose last pool-level statement provably left no session
+        # state: their release skips asyncpg's reset round trip.
+        self._skip_reset: set[Any] = set()
+        self._user_reset = pool_options.pop("reset", None)
+        self._provider_reset: Callable[[Any], Any] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -251,7 +358,11 @@ class Pool:
         """Ask the discovery provider now and reconcile the sub-pools."""
         async with self._refresh_lock:
             try:
-                return await self._refresh()
+                topology = await self._refresh()
+                self._members_demoted.clear()
+                if topology.replicas and not topology.symmetric:
+                    await self._measure_lag(topology)
+                return topology
             finally:
                 self._refreshed.set()
                 self._refreshed = asyncio.Event()
@@ -275,6 +386,7 @@ class Pool:
                               discovered.instances)
         previous = self._topology
         for member_id in plan.remove:
+            self._replay_lsn.pop(member_id, None)
             member = self._members.pop(member_id)
             logger.info("instance %s left the topology; draining", member.instance.label)
             self._drain(member)
@@ -282,6 +394,7 @@ class Pool:
             logger.info("instance %s joined as %s", instance.label, instance.role.value)
             self._members[instance.id] = Member(instance, self._make_sub_pool)
         for member_id in plan.expire:
+            self._replay_lsn.pop(member_id, None)
             member = self._members[member_id]
             logger.info("instance %s changed role %s -> %s; expiring its connections",
                         member.instance.label, member.instance.role.value,
@@ -308,10 +421,69 @@ class Pool:
         assert self._topology is not None
         return self._topology
 
+    @property
+    def _symmetric(self) -> bool:
+        topology = self._topology
+        return topology is not None and topology.symmetric
+
+    async def _reset_connection(self, connection: Any) -> None:
+        """The sub-pools' reset: skipped where provably unneeded (asyncpg has
+        already rolled back any open transaction and dropped listeners)."""
+        if connection in self._skip_reset:
+            self._skip_reset.discard(connection)
+            return
+        if self._user_reset is not None:
+            await self._user_reset(connection)
+        elif self._provider_reset is not None:
+            await self._provider_reset(connection)
+        else:
+            query = connection.get_reset_query()
+            if query:
+                await connection.execute(query)
+
+    async def _measure_lag(self, topology: Topology) -> None:
+        """Each replica's lag behind the primary, in bytes and seconds.
+
+        Uses the discovery probe connections, so it costs one small query per
+        instance per refresh. Failures leave the lag unknown (reads allowed).
+        """
+        primary = topology.primary
+        if primary is None:
+            return
+
+        async def ask(instance: Instance, query: str) -> Any:
+            try:
+                async with asyncio.timeout(self._connect_timeout):
+                    conn = await self._service.connection(instance.address)
+                    return await conn.fetchrow(query)
+            except Exception as exc:
+                self._service.discard(instance.address)
+                logger.debug("lag probe of %s failed: %s", instance.label, describe_error(exc))
+                return None
+
+        replicas = topology.replicas
+        rows = await asyncio.gather(
+            ask(primary, "SELECT pg_current_wal_lsn()::text"),
+            *(ask(r, _REPLICA_LAG_QUERY) for r in replicas),
+        )
+        head = parse_lsn(rows[0][0]) if rows[0] is not None else None
+        lag: dict[str, tuple[int | None, float | None]] = {}
+        for replica, row in zip(replicas, rows[1:], strict=True):
+            if row is None:
+                continue
+            replayed = parse_lsn(row[0])
+            self._replay_lsn[replica.id] = max(replayed, self._replay_lsn.get(replica.id, 0))
+            lag_bytes = max(0, head - replayed) if head is not None and row[0] else None
+            lag[replica.id] = (lag_bytes, float(row[1]) if row[1] is not None else None)
+        self._lag = lag
+
     def _make_sub_pool(self, instance: Instance) -> Any:
         options = dict(self._pool_options)
         assert self._provider is not None
-        options.update(self._provider.sub_pool_options())
+        provider_options = dict(self._provider.sub_pool_options())
+        self._provider_reset = provider_options.pop("reset", None)
+        options.update(provider_options)
+        options["reset"] = self._reset_connection
         kwargs = dict(self._connect_kwargs)
         kwargs.update(host=instance.address.host, port=instance.address.port)
         kwargs.setdefault("target_session_attrs", "any")
@@ -343,6 +515,36 @@ class Pool:
                 failures += 1
                 logger.warning("topology refresh failed (keeping the last good topology): %s",
                                describe_error(exc))
+            interval = self._health_check_interval
+            if interval is not None and time.monotonic() - self._last_health_check >= interval:
+                self._last_health_check = time.monotonic()
+                await self._check_idle_connections()
+
+    async def _check_idle_connections(self) -> None:
+        """Ping idle connections so a dead one is found before a user gets it.
+
+        Takes each idle connection briefly (never waiting for a busy pool) and
+        runs an empty query; asyncpg terminates one that fails on release.
+        """
+        for member in list(self._members.values()):
+            pool = member.pool
+            if pool is None or not member.ready or pool.is_closing():
+                continue
+            taken = []
+            try:
+                for _ in range(pool.get_idle_size()):
+                    connection = await pool.acquire(timeout=0.01)
+                    taken.append(connection)
+                    await connection.execute(";", timeout=self._connect_timeout)
+            except (TimeoutError, asyncpg.InterfaceError):
+                pass  # the pool got busy: users are checking connections for us
+            except Exception as exc:
+                if is_connection_error(exc):
+                    self._note_failure(member, exc)
+            finally:
+                for connection in taken:
+                    self._skip_reset.add(connection._con)
+                    await self._release_quietly(member, connection)
 
     def _request_refresh(self) -> asyncio.Event:
         """Ask the poller for a refresh now; the event is set when one finishes."""
@@ -352,35 +554,65 @@ class Pool:
 
     # -- choosing an instance ----------------------------------------------------------
 
-    def _candidates(self, request: RoleRequest, excluded: set[str]) -> list[Candidate]:
+    def _candidates(self, request: RoleRequest, excluded: set[str],
+                    only: Collection[str] | None) -> list[Candidate]:
         topology = self._topology
         if topology is None:
             return []
         now = time.monotonic()
         members = self._members
-        chosen = eligible(topology, request,
-                          lambda i: i.id not in excluded and members[i.id].available(now))
+        reading = request is not RoleRequest.PRIMARY
+
+        def usable(instance: Instance) -> bool:
+            member = members.get(instance.id)
+            if member is None or instance.id in excluded or not member.available(now):
+                return False
+            if only is not None and instance.id not in only and instance.name not in only:
+                return False
+            if instance.id in self._members_demoted and instance.role.writable:
+                return False  # refused a write as read-only; wait for the refresh
+            return not (reading and instance.role is Role.REPLICA and self._lagging(instance))
+
+        max_size = self._pool_options["max_size"]
         return [
             Candidate(instance=i, in_use=members[i.id].in_use(), idle=members[i.id].idle(),
-                      max_size=self._pool_options["max_size"])
-            for i in chosen
+                      max_size=max_size)
+            for i in eligible(topology, request, usable)
         ]
 
-    async def _acquire_member(self, request: RoleRequest,
-                              timeout: float | None) -> tuple[Member, Any]:
+    def _lagging(self, instance: Instance) -> bool:
+        """Whether a replica is too far behind to serve reads."""
+        lag_bytes, lag_seconds = self._lag.get(instance.id, (None, None))
+        if lag_bytes is None:
+            lag_bytes = instance.lag_bytes
+        if lag_seconds is None:
+            lag_seconds = instance.lag_seconds
+        if self._max_lag_bytes is not None and lag_bytes is not None \
+                and lag_bytes > self._max_lag_bytes:
+            return True
+        return (self._max_lag_seconds is not None and lag_seconds is not None
+                and lag_seconds > self._max_lag_seconds)
+
+    async def _acquire_member(
+        self, request: RoleRequest, timeout: float | None, *,
+        instance: str | None = None, only: Collection[str] | None = None,
+    ) -> tuple[Member, Any]:
         """Pick an instance and check a connection out of its sub-pool.
 
         Connection-level failures here happen before any statement was sent,
         so moving to another instance (or waiting for a refresh) is always safe.
         """
         self._check_open()
+        if instance is not None:
+            only = (instance,)
+            request = RoleRequest.ANY
         loop = asyncio.get_running_loop()
         budget = self._failover_timeout if timeout is None else timeout
         deadline = loop.time() + budget
         attempts: dict[str, str] = {}
         excluded: set[str] = set()
         while True:
-            candidates = self._candidates(request, excluded)
+            candidates = self._candidates(request, excluded, only)
             if not candidates:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
@@ -388,35 +620,82 @@ class Pool:
                 # Wait for the topology to change (a failover in progress), then retry
                 # everything once more: breakers may have half-opened too.
                 event = self._request_refresh()
-                try:
-                    await asyncio.wait_for(event.wait(), min(remaining, 1.0))
-                except TimeoutError:
-                    pass
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), min(remaining, 0.5))
                 self._check_open()
                 excluded.clear()
                 continue
             member = self._members[self._strategy.pick(candidates).instance.id]
-            remaining = None if timeout is None else max(deadline - loop.time(), 0.001)
+            probing = member.failures > 0  # half-open: this request is the probe
+            if probing:
+                if member.probing:
+                    excluded.add(member.instance.id)
+                    continue
+                member.probing = True
+            wait = None if timeout is None else max(deadline - loop.time(), 0.001)
             try:
                 pool = await member.ensure_ready()
-                connection = await pool.acquire(timeout=remaining)
+                connection = await pool.acquire(timeout=wait)
             except (Exception, asyncio.CancelledError) as exc:
+                member.probing = False
                 if isinstance(exc, asyncio.CancelledError):
                     raise
                 if self._closing:
                     raise PoolClosedError("pool is closing") from exc
-                if isinstance(exc, TimeoutError) and timeout is not None:
-                    raise  # the user's acquire timeout, as asyncpg raises it
-                if not is_connection_error(exc) and not isinstance(
-                    exc, asyncpg.InterfaceError
-                ):
+                if isinstance(exc, TimeoutError) and timeout is not None and \
+                        member.pool is not None and member.ready:
+                    raise  # the sub-pool is exhausted: the user's timeout, as asyncpg has it
+                if not is_connection_error(exc) and not isinstance(exc, asyncpg.InterfaceError):
                     raise
                 self._note_failure(member, exc)
                 attempts[member.instance.label] = describe_error(exc)
                 excluded.add(member.instance.id)
                 continue
+            member.probing = False
+            if probing:
+                logger.info("instance %s is back", member.instance.label)
             member.record_success()
             return member, connection
+
+    async def _acquire_caught_up(self, request: RoleRequest, lsn: int) -> tuple[Member, Any]:
+        """A connection to an instance that has replayed up to *lsn*.
+
+        Replay positions only move forward, so a cached position that has
+        reached *lsn* needs no round trip. Otherwise wait on one replica for up
+        to ``causal_wait`` seconds, then use the primary.
+        """
+        caught_up = [i for i, position in self._replay_lsn.items() if position >= lsn]
+        if caught_up:
+            with contextlib.suppress(NoAvailableInstanceError):
+                return await self._acquire_member(RoleRequest.REPLICA, 0.05, only=caught_up)
+        if self._causal_wait > 0:
+            try:
+                member, connection = await self._acquire_member(RoleRequest.REPLICA, 0.05)
+            except NoAvailableInstanceError:
+                pass
+            else:
+                try:
+                    if await self._wait_replayed(member, connection, lsn):
+                        return member, connection
+                except (Exception, asyncio.CancelledError):
+                    await self._release_quietly(member, connection)
+                    raise
+                await self._release_quietly(member, connection)
+        return await self._acquire_member(RoleRequest.PRIMARY, None)
+
+    async def _wait_replayed(self, member: Member, connection: Any, lsn: int) -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._causal_wait
+        while True:
+            position = parse_lsn(await connection.fetchval(
+                "SELECT pg_last_wal_replay_lsn()::text"))
+            self._replay_lsn[member.instance.id] = max(
+                position, self._replay_lsn.get(member.instance.id, 0))
+            if position >= lsn:
+                return True
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(0.005)
 
     def _note_failure(self, member: Member, exc: BaseException) -> None:
         self._acquire_errors += 1
@@ -447,7 +726,7 @@ class Pool:
         """Acquire a connection: ``async with pool.acquire() as conn`` or ``await``.
 
         ``role`` is ``"primary"`` (the default), ``"replica"``, ``"any"`` or
-        ``"prefer-replica"``.
+        ``"prefer-replica"``. Such connections always get asyncpg's full reset.
         """
         return _AcquireContext(self, timeout, parse_role(role, RoleRequest.PRIMARY))
 
@@ -465,53 +744,170 @@ class Pool:
                 "acquired from this pool"
             )
         member.served += 1
+        scope = _causal_scope.get()
+        if (scope is not None or self._read_your_writes) and member.instance.role.writable \
+                and not connection.is_closed() and not self._symmetric:
+            await self._record_write_position(connection, scope)
         await member.pool.release(connection, timeout=timeout)
 
-    @asynccontextmanager
-    async def _connection_for(self, request: RoleRequest,
-                              timeout: float | None) -> AsyncIterator[Any]:
-        member, connection = await self._acquire_member(request, timeout)
-        try:
-            yield connection
-        finally:
+    async def _run(self, method: str, query: str, positional: tuple[Any, ...],
+                   kwargs: dict[str, Any], role: str | None,
+                   default: RoleRequest | None = None) -> Any:
+        """Route one statement, run it, and retry it where that is provably safe."""
+        decision = await self._decide(query, role, default)
+        scope = _causal_scope.get()
+        causal_lsn = 0
+        if not decision.is_write and not self._symmetric and decision.instance is None \
+                and decision.request is not RoleRequest.PRIMARY:
+            causal_lsn = scope.lsn if scope is not None else (
+                self._pool_lsn if self._read_your_writes else 0)
+        attempt = 0
+        while True:
+            if causal_lsn:
+                member, connection = await self._acquire_caught_up(decision.request, causal_lsn)
+            else:
+                member, connection = await self._acquire_member(
+                    decision.request, None, instance=decision.instance)
+            try:
+                result = await getattr(connection, method)(decision.query, *positional, **kwargs)
+            except (Exception, asyncio.CancelledError) as exc:
+                await self._release_quietly(member, connection)
+                if isinstance(exc, asyncio.CancelledError) or self._closing:
+                    raise
+                if not self._should_retry(member, exc, decision, attempt):
+                    raise
+                attempt += 1
+                self._retries += 1
+                await asyncio.sleep(min(1.0, 0.05 * 2 ** attempt) * random.uniform(0.5, 1.5))
+                continue
             member.served += 1
+            if decision.is_write and (scope is not None or self._read_your_writes) \
+                    and member.instance.role.writable and not self._symmetric:
+                await self._record_write_position(connection, scope)
+            if decision.elide_reset:
+                self._skip_reset.add(connection._con)
             await member.pool.release(connection)
+            return result
+
+    async def _release_quietly(self, member: Member, connection: Any) -> None:
+        try:
+            await member.pool.release(connection)
+        except (Exception, asyncio.CancelledError) as exc:  # the connection is terminated
+            logger.debug("release after a failure: %s", describe_error(exc))
+
+    def _should_retry(self, member: Member, exc: BaseException, decision: Decision,
+                      attempt: int) -> bool:
+        """Whether a failed statement may run again elsewhere, and note what it says.
+
+        Reads are retried after connection-level failures. Writes are retried only
+        when the server provably did not run them: the connection was closed before
+        sending, the server refused it (57P03), or the instance is read-only (25006,
+        a demoted primary).
+        """
+        sqlstate = getattr(exc, "sqlstate", None)
+        if sqlstate == "25006" and member.instance.role.writable and not self._symmetric:
+            logger.warning("instance %s refused a write as read-only: it was demoted; "
+                           "refreshing the topology", member.instance.label)
+            member.record_failure(describe_error(exc))
+            self._demoted(member)
+            return attempt < self._max_retries
+        if not is_connection_error(exc):
+            return False
+        self._note_failure(member, exc)
+        not_sent = sqlstate == "57P03" or (
+            isinstance(exc, asyncpg.InterfaceError) and "connection is closed" in str(exc)
+        )
+        return attempt < self._max_retries and (not decision.is_write or not_sent)
+
+    def _demoted(self, member: Member) -> None:
+        """A former primary: stop writing to it at once and learn the new one."""
+        self._members_demoted.add(member.instance.id)
+        if member.pool is not None:
+            self._spawn(member.pool.expire_connections())
+        self._request_refresh()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._draining.add(task)
+        task.add_done_callback(self._draining.discard)
+
+    async def _decide(self, query: str, role: str | None,
+                      default: RoleRequest | None) -> Decision:
+        explicit = default if role is None else parse_role(role, RoleRequest.PRIMARY)
+        volatile: frozenset[str] = frozenset()
+        if self._check_volatility:
+            volatile = await self._volatile_functions(query)
+        return decide(query, explicit=explicit, scoped=_route_scope.get(),
+                      policy=self._policy, symmetric=self._symmetric,
+                      strip_comments=self._symmetric, volatile_functions=volatile)
+
+    async def _volatile_functions(self, query: str) -> frozenset[str]:
+        """The user functions *query* calls that pg_proc says are VOLATILE (cached)."""
+        names = classify(query).functions
+        unknown = [n for n in names if n not in self._volatility]
+        if unknown:
+            try:
+                conn = await self._service.service_connection()
+                rows = await conn.fetch(
+                    "SELECT p.proname, bool_or(p.provolatile = 'v') FROM pg_proc p "
+                    "JOIN pg_namespace n ON n.oid = p.pronamespace "
+                    "WHERE p.proname = ANY($1::text[]) "
+                    "AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
+                    "GROUP BY p.proname", unknown)
+            except Exception as exc:
+                logger.warning("cannot check function volatility: %s", describe_error(exc))
+                return frozenset(names)  # when in doubt, the primary
+            found = {r[0]: bool(r[1]) for r in rows}
+            for name in unknown:
+                self._volatility[name] = found.get(name, False)
+        return frozenset(n for n in names if self._volatility.get(n))
+
+    async def _record_write_position(self, connection: Any, scope: _CausalScope | None) -> None:
+        """Remember the primary's WAL position after a write, for read-your-writes."""
+        try:
+            lsn = parse_lsn(await connection.fetchval(
+                "SELECT pg_current_wal_insert_lsn()::text"))
+        except (Exception, asyncio.CancelledError) as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            logger.debug("cannot read the WAL position: %s", describe_error(exc))
+            return
+        if scope is not None:
+            scope.lsn = max(scope.lsn, lsn)
+        self._pool_lsn = max(self._pool_lsn, lsn)
 
     async def execute(self, query: str, *args: Any, timeout: float | None = None,
                       role: str | None = None) -> str:
-        async with self._connection_for(parse_role(role, RoleRequest.PRIMARY), None) as con:
-            result: str = await con.execute(query, *args, timeout=timeout)
-            return result
+        result: str = await self._run("execute", query, args, {"timeout": timeout}, role)
+        return result
 
     async def executemany(self, command: str, args: Iterable[Sequence[Any]], *,
                           timeout: float | None = None, role: str | None = None) -> None:
-        async with self._connection_for(parse_role(role, RoleRequest.PRIMARY), None) as con:
-            await con.executemany(command, args, timeout=timeout)
+        await self._run("executemany", command, (args,), {"timeout": timeout}, role)
 
     async def fetch(self, query: str, *args: Any, timeout: float | None = None,
                     record_class: Any = None, role: str | None = None) -> list[Any]:
-        async with self._connection_for(parse_role(role, RoleRequest.PRIMARY), None) as con:
-            result: list[Any] = await con.fetch(
-                query, *args, timeout=timeout, record_class=record_class)
-            return result
+        result: list[Any] = await self._run(
+            "fetch", query, args, {"timeout": timeout, "record_class": record_class}, role)
+        return result
 
     async def fetchval(self, query: str, *args: Any, column: int = 0,
                        timeout: float | None = None, role: str | None = None) -> Any:
-        async with self._connection_for(parse_role(role, RoleRequest.PRIMARY), None) as con:
-            return await con.fetchval(query, *args, column=column, timeout=timeout)
+        return await self._run(
+            "fetchval", query, args, {"column": column, "timeout": timeout}, role)
 
     async def fetchrow(self, query: str, *args: Any, timeout: float | None = None,
                        record_class: Any = None, role: str | None = None) -> Any:
-        async with self._connection_for(parse_role(role, RoleRequest.PRIMARY), None) as con:
-            return await con.fetchrow(query, *args, timeout=timeout, record_class=record_class)
+        return await self._run(
+            "fetchrow", query, args, {"timeout": timeout, "record_class": record_class}, role)
 
     async def fetchmany(self, query: str, args: Iterable[Sequence[Any]], *,
                         timeout: float | None = None, record_class: Any = None,
                         role: str | None = None) -> list[Any]:
-        async with self._connection_for(parse_role(role, RoleRequest.PRIMARY), None) as con:
-            result: list[Any] = await con.fetchmany(
-                query, args, timeout=timeout, record_class=record_class)
-            return result
+        result: list[Any] = await self._run(
+            "fetchmany", query, (args,), {"timeout": timeout, "record_class": record_class},
+            role)
+        return result
 
     async def copy_from_table(self, table_name: str, *, output: Any, columns: Any = None,
                               schema_name: str | None = None, timeout: float | None = None,
@@ -519,7 +915,8 @@ class Pool:
                               null: Any = None, header: Any = None, quote: Any = None,
                               escape: Any = None, force_quote: Any = None, encoding: Any = None,
                               role: str | None = None) -> str:
-        async with self._connection_for(parse_role(role, RoleRequest.PRIMARY), None) as con:
+        """COPY a table out; a read, so it may run on a replica."""
+        async with self._connection_for(self._read_role(role)) as con:
             result: str = await con.copy_from_table(
                 table_name, output=output, columns=columns, schema_name=schema_name,
                 timeout=timeout, format=format, oids=oids, delimiter=delimiter, null=null,
@@ -533,11 +930,13 @@ class Pool:
                               header: Any = None, quote: Any = None, escape: Any = None,
                               force_quote: Any = None, encoding: Any = None,
                               role: str | None = None) -> str:
-        async with self._connection_for(parse_role(role, RoleRequest.PRIMARY), None) as con:
+        """COPY a query's result out; routed like the query itself."""
+        decision = await self._decide(query, role, None)
+        async with self._connection_for(decision.request) as con:
             result: str = await con.copy_from_query(
-                query, *args, output=output, timeout=timeout, format=format, oids=oids,
-                delimiter=delimiter, null=null, header=header, quote=quote, escape=escape,
-                force_quote=force_quote, encoding=encoding)
+                decision.query, *args, output=output, timeout=timeout, format=format,
+                oids=oids, delimiter=delimiter, null=null, header=header, quote=quote,
+                escape=escape, force_quote=force_quote, encoding=encoding)
             return result
 
     async def copy_to_table(self, table_name: str, *, source: Any, columns: Any = None,
@@ -547,7 +946,7 @@ class Pool:
                             quote: Any = None, escape: Any = None, force_quote: Any = None,
                             force_not_null: Any = None, force_null: Any = None,
                             encoding: Any = None, where: Any = None) -> str:
-        async with self._connection_for(RoleRequest.PRIMARY, None) as con:
+        async with self._connection_for(RoleRequest.PRIMARY) as con:
             result: str = await con.copy_to_table(
                 table_name, source=source, columns=columns, schema_name=schema_name,
                 timeout=timeout, format=format, oids=oids, freeze=freeze, delimiter=delimiter,
@@ -559,11 +958,80 @@ class Pool:
     async def copy_records_to_table(self, table_name: str, *, records: Any, columns: Any = None,
                                     schema_name: str | None = None,
                                     timeout: float | None = None, where: Any = None) -> str:
-        async with self._connection_for(RoleRequest.PRIMARY, None) as con:
+        async with self._connection_for(RoleRequest.PRIMARY) as con:
             result: str = await con.copy_records_to_table(
                 table_name, records=records, columns=columns, schema_name=schema_name,
                 timeout=timeout, where=where)
             return result
+
+    def _read_role(self, role: str | None) -> RoleRequest:
+        scoped = _route_scope.get()
+        if role is not None:
+            return parse_role(role, RoleRequest.PRIMARY)
+        if scoped is not None:
+            return scoped
+        return read_request(self._policy, self._symmetric)
+
+    @asynccontextmanager
+    async def _connection_for(self, request: RoleRequest) -> AsyncIterator[Any]:
+        """A connection for one pool-level call (COPY); released with a full reset."""
+        connection = await self._acquire(None, request)
+        try:
+            yield connection
+        finally:
+            await self.release(connection)
+
+    # -- extensions: transactions, hints, read-your-writes --------------------------------
+
+    @asynccontextmanager
+    async def transaction(self, *, isolation: str | None = None, readonly: bool = False,
+                          deferrable: bool = False, role: str | None = None,
+                          timeout: float | None = None) -> AsyncIterator[Any]:
+        """``async with pool.transaction() as conn``: a transaction on the primary.
+
+        ``readonly=True`` may run on a replica (per the pool's read/write split).
+        """
+        default = (read_request(self._policy, self._symmetric) if readonly
+                   else RoleRequest.PRIMARY)
+        request = parse_role(role, default) if role is not None else default
+        async with self.acquire(timeout=timeout, role=request.value) as connection, \
+                connection.transaction(isolation=isolation, readonly=readonly,
+                                       deferrable=deferrable):
+            yield connection
+
+    @contextmanager
+    def route(self, role: str) -> Iterator[None]:
+        """``with pool.route("primary"):`` sends this task's statements to *role*."""
+        token = _route_scope.set(parse_role(role, RoleRequest.PRIMARY))
+        try:
+            yield
+        finally:
+            _route_scope.reset(token)
+
+    @asynccontextmanager
+    async def read_your_writes(self, token: str | None = None) -> AsyncIterator[_CausalScope]:
+        """Within this scope, reads see every write made in it (and *token*'s).
+
+        Reads go to a replica whose replay position has reached the last write,
+        waiting up to ``causal_wait`` seconds for one, else to the primary.
+        ``scope.token()`` exports the position for the next request.
+        """
+        scope = _CausalScope(parse_causal_token(token) if token else 0)
+        outer = _causal_scope.get()
+        if outer is not None:
+            scope.lsn = max(scope.lsn, outer.lsn)
+        reset = _causal_scope.set(scope)
+        try:
+            yield scope
+        finally:
+            _causal_scope.reset(reset)
+            if outer is not None:
+                outer.lsn = max(outer.lsn, scope.lsn)
+
+    def causal_token(self) -> str:
+        """The WAL position of the last write seen in this task's scope (or pool-wide)."""
+        scope = _causal_scope.get()
+        return format_causal_token(scope.lsn if scope is not None else self._pool_lsn)
 
     async def expire_connections(self) -> None:
         """Expire every connection of every sub-pool (closed on their next release)."""
@@ -680,6 +1148,19 @@ def create_pool(
     failover_timeout: float = 10.0,
     drain_timeout: float = 30.0,
     connect_timeout: float = 5.0,
+    read_write_split: str = "replicas",
+    fallback_to_primary: bool = True,
+    write_functions: Collection[str] = (),
+    check_function_volatility: bool = False,
+    router: Callable[[str, str], str | None] | None = None,
+    rewrite: Callable[[str], str] | None = None,
+    max_replica_lag_bytes: int | None = None,
+    max_replica_lag_seconds: float | None = None,
+    read_your_writes: bool = False,
+    causal_wait: float = 0.5,
+    max_retries: int = 3,
+    health_check_interval: float | None = 30.0,
+    elide_reset: bool = True,
     init_size: int | None = None,
     min_size: int = 10,
     max_size: int = 10,
@@ -700,6 +1181,16 @@ def create_pool(
     ``topology_refresh_interval=None`` turns the background poller off.
     ``failover_timeout`` bounds how long a request waits for an instance to
     serve it when none is available and no ``timeout`` was given.
+
+    Routing: ``read_write_split`` is ``"replicas"``, ``"include_primary"`` or
+    ``"off"``; ``fallback_to_primary`` sends reads to the primary when no replica
+    can serve; ``write_functions`` names functions that write;
+    ``check_function_volatility`` asks pg_proc about user functions; ``router``
+    and ``rewrite`` are user hooks. Replicas behind ``max_replica_lag_bytes`` /
+    ``max_replica_lag_seconds`` get no reads. ``read_your_writes=True`` makes
+    every read see every earlier write through this pool, waiting up to
+    ``causal_wait`` seconds for a replica. ``elide_reset`` skips asyncpg's reset
+    query after pool-level statements that provably leave no session state.
     """
     if dsn is not None and not isinstance(dsn, str):
         raise ConfigurationError("dsn must be a string")
@@ -712,11 +1203,27 @@ def create_pool(
     if init_size is not None:
         pool_options["init_size"] = init_size
     connect_kwargs.pop("loop", None)
+    try:
+        split = ReadWriteSplit(read_write_split)
+    except ValueError:
+        raise ConfigurationError(
+            f"read_write_split must be one of {[m.value for m in ReadWriteSplit]}"
+        ) from None
+    policy = RoutingPolicy(
+        split=split, fallback_to_primary=fallback_to_primary,
+        write_functions=frozenset(f.lower() for f in write_functions),
+        router=router, rewrite=rewrite, elide_reset=elide_reset,
+    )
     return Pool(
         dsn, strategy=strategy, discovery=discovery,
         topology_refresh_interval=topology_refresh_interval, service_dsn=service_dsn,
         failover_timeout=failover_timeout, drain_timeout=drain_timeout,
-        connect_timeout=connect_timeout, pool_options=pool_options,
+        connect_timeout=connect_timeout, policy=policy,
+        check_function_volatility=check_function_volatility,
+        max_replica_lag_bytes=max_replica_lag_bytes,
+        max_replica_lag_seconds=max_replica_lag_seconds,
+        read_your_writes=read_your_writes, causal_wait=causal_wait, max_retries=max_retries,
+        health_check_interval=health_check_interval, pool_options=pool_options,
         connect_kwargs=connect_kwargs,
     )
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from ._errors import ConfigurationError
+from ._sql import StatementKind, classify, strip_hint
 from ._topology import Instance, Role, Topology
 
 
@@ -54,3 +56,93 @@ def eligible(
     if request is RoleRequest.REPLICA:
         return readers
     return readers or writable
+
+
+class ReadWriteSplit(enum.Enum):
+    REPLICAS = "replicas"  # reads go to replicas
+    INCLUDE_PRIMARY = "include_primary"  # reads go to replicas and the primary
+    OFF = "off"  # everything goes to the primary
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingPolicy:
+    """The pool's routing settings, fixed at creation."""
+
+    split: ReadWriteSplit = ReadWriteSplit.REPLICAS
+    fallback_to_primary: bool = True
+    write_functions: frozenset[str] = frozenset()
+    router: Callable[[str, str], str | None] | None = None
+    rewrite: Callable[[str], str] | None = None
+    elide_reset: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Where one statement goes and how it is sent."""
+
+    request: RoleRequest
+    instance: str | None  # a named instance (hint or router), overriding the role
+    query: str  # what to send: rewritten, hint stripped where comments are refused
+    is_write: bool
+    elide_reset: bool  # the statement provably leaves no session state
+
+
+def read_request(policy: RoutingPolicy, symmetric: bool) -> RoleRequest:
+    """Where a read goes under *policy*."""
+    if symmetric:
+        return RoleRequest.ANY
+    if policy.split is ReadWriteSplit.OFF:
+        return RoleRequest.PRIMARY
+    if policy.split is ReadWriteSplit.INCLUDE_PRIMARY:
+        return RoleRequest.ANY
+    return RoleRequest.PREFER_REPLICA if policy.fallback_to_primary else RoleRequest.REPLICA
+
+
+def decide(
+    query: str,
+    *,
+    explicit: RoleRequest | None,
+    scoped: RoleRequest | None,
+    policy: RoutingPolicy,
+    symmetric: bool,
+    strip_comments: bool,
+    volatile_functions: frozenset[str] = frozenset(),
+) -> Decision:
+    """Route one statement. Pure; priority: per-call role, ``pool.route()``,
+    a hint comment, the user's router, then the classifier."""
+    if policy.rewrite is not None:
+        query = policy.rewrite(query)
+    info = classify(query)
+    write_functions = policy.write_functions | volatile_functions
+    is_write = info.kind is StatementKind.WRITE or bool(info.functions & write_functions)
+    guess = RoleRequest.PRIMARY if is_write else read_request(policy, symmetric)
+    instance: str | None = None
+    hint = info.hint
+    if explicit is not None:
+        request = explicit
+    elif scoped is not None:
+        request = scoped
+    elif hint is not None and (hint.role is not None or hint.instance is not None):
+        request = parse_role(hint.role, guess) if hint.role else guess
+        instance = hint.instance
+    else:
+        request = guess
+        if policy.router is not None:
+            routed = policy.router(query, guess.value)
+            if routed is not None:
+                if routed in _BY_NAME:
+                    request = _BY_NAME[routed]
+                else:
+                    instance = routed
+    if symmetric and request is not RoleRequest.ANY and instance is None:
+        request = RoleRequest.ANY  # every peer serves everything
+    if strip_comments and hint is not None:
+        query = strip_hint(query)
+    return Decision(
+        request=request,
+        instance=instance,
+        query=query,
+        is_write=is_write,
+        elide_reset=policy.elide_reset and not info.leaves_session_state
+        and not (info.functions & write_functions),
+    )

@@ -5,7 +5,7 @@ replication lag and real failover, without Docker or an HA manager::
 
     from picopool.cluster import LocalCluster
 
-    with LocalCluster(replicas=2) as cluster:        # about 1.5 s on 2 cores
+    with LocalCluster(replicas=2) as cluster:        # 0.8 s on tmpfs, 2 s on disk
         cluster.primary.sql("create table t (id int)")
         cluster.wait_replayed()                      # replicas have caught up
         print(cluster.dsn)       # postgres://postgres@127.0.0.1:p0,127.0.0.1:p1,.../postgres
@@ -19,9 +19,9 @@ How it works:
 * ``initdb`` creates node0, ``pg_basebackup -R`` clones each replica from it, and
   every node runs under ``pg_ctl`` with its own loopback port (chosen at runtime)
   written into its ``postgresql.auto.conf``.
-* Everything lives in a fresh directory under ``base_dir`` (default: the system
-  temp dir): data dirs, server logs (``node0.log``, ...) and the Unix sockets.
-  ``stop()`` removes it.
+* Everything lives in a fresh directory under ``base_dir`` (default:
+  ``$PICOPOOL_CLUSTER_DIR``, else the system temp dir): data dirs, server logs
+  (``node0.log``, ...) and the Unix sockets. ``stop()`` removes it.
 * PostgreSQL refuses to run as root, so under root every server program runs as
   the ``postgres`` user, which then owns the directory.
 * Settings favour speed over durability (``fsync=off``, ``synchronous_commit=off``);
@@ -34,18 +34,21 @@ How it works:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import pwd
 import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import tempfile
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -59,6 +62,8 @@ _OS_USER = "postgres"  # who runs the servers when we are root
 
 _SERVER_PROGRAMS = ("initdb", "pg_ctl", "postgres", "pg_basebackup")
 _STOP_SIGNALS = {"smart": signal.SIGTERM, "fast": signal.SIGINT, "immediate": signal.SIGQUIT}
+_HAVE_PROCFS = Path("/proc/self/stat").exists()
+_IPC_RMID = 0  # shmctl() command, the same on Linux and macOS
 _PARAMETER_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 
 BASE_SETTINGS: Mapping[str, str] = {
@@ -72,6 +77,11 @@ BASE_SETTINGS: Mapping[str, str] = {
     "hot_standby": "on",
     "hot_standby_feedback": "on",
     "max_wal_senders": "10",
+    # Keeps recent WAL for replicas that were down or are being cloned, so a
+    # checkpoint cannot remove a segment a concurrent pg_basebackup still needs.
+    "wal_keep_size": "256MB",
+    # Segments in the data dir, not /dev/shm: a killed server cannot leak them.
+    "dynamic_shared_memory_type": "mmap",
     # A replica whose upstream died retries after this long; the default 5 s
     # would dominate every failover.
     "wal_retrieve_retry_interval": "100ms",
@@ -178,6 +188,8 @@ class LocalNode:
 
     def stop(self, mode: str = "fast", timeout: float = 30) -> None:
         """Shut down cleanly (``smart``, ``fast`` or ``immediate``) and wait until it exits."""
+        if mode not in _STOP_SIGNALS:
+            raise ValueError(f"unknown shutdown mode {mode!r}")
         pid = self.pid
         if pid is None:
             return
@@ -190,18 +202,23 @@ class LocalNode:
         pid = self.pid
         if pid is None:
             return
-        # Each server process is its own process group leader, so killing the
-        # postmaster's group would miss them. Orphaned backends would keep the
-        # shared memory busy and block a restart.
+        lock_file = self.data_dir / "postmaster.pid"
+        try:
+            lock_lines = lock_file.read_text().splitlines()  # pid, dir, start, port, sockets, ...
+        except FileNotFoundError:
+            lock_lines = []  # it exited on its own just now
+        # Each server process leads its own process group, so killing the
+        # postmaster's group would miss them, and orphaned backends would keep the
+        # shared memory busy and block a restart. A stopped postmaster cannot
+        # fork a child we would not see.
+        _signal(pid, signal.SIGSTOP)
         children = _child_pids(pid)
         _signal(pid, signal.SIGKILL)
         for child in children:
             _signal(child, signal.SIGKILL)
         if not _wait_gone([pid, *children], timeout):
             raise ClusterError(f"{self.name} (pid {pid}) survived SIGKILL for {timeout} s")
-        # Everything is verifiably dead, so the lock file is stale. Removing it
-        # spares the restart from tripping over a reused PID.
-        (self.data_dir / "postmaster.pid").unlink(missing_ok=True)
+        _remove_crash_leftovers(lock_file, lock_lines)
 
     def promote(self, timeout: float = 60) -> None:
         """Promote this replica and wait until it accepts writes."""
@@ -298,9 +315,12 @@ class LocalNode:
 class LocalCluster:
     """A primary (node0) and ``replicas`` streaming replicas on loopback ports.
 
-    ``settings`` extend or override :data:`BASE_SETTINGS`; ``synchronous=True``
-    makes commits wait for any one replica; ``apply_delay`` (e.g. ``"200ms"``)
-    sets ``recovery_min_apply_delay`` on every replica.
+    ``base_dir`` is where the cluster's own temporary directory is created
+    (default ``$PICOPOOL_CLUSTER_DIR``, else the system temp dir; a tmpfs such
+    as ``/dev/shm`` starts about 3x faster than a disk). ``settings`` extend or
+    override :data:`BASE_SETTINGS`; ``synchronous=True`` makes commits wait for
+    any one replica; ``apply_delay`` (e.g. ``"200ms"``) sets
+    ``recovery_min_apply_delay`` on every replica.
     """
 
     def __init__(
@@ -316,8 +336,9 @@ class LocalCluster:
         if replicas < 0:
             raise ValueError("replicas must be >= 0")
         self.initial_replicas = replicas
+        parent = base_dir or os.environ.get("PICOPOOL_CLUSTER_DIR") or tempfile.gettempdir()
         # Absolute, because the data dir path identifies the postmaster in /proc/PID/cmdline.
-        self.parent_dir = Path(os.path.abspath(base_dir or tempfile.gettempdir()))
+        self.parent_dir = Path(os.path.abspath(parent))
         self.pg_bin = pg_bin if pg_bin is not None else find_pg_bin()
         self.synchronous = synchronous
         self.apply_delay = apply_delay
@@ -365,6 +386,7 @@ class LocalCluster:
         """Create and start the whole cluster; return once every replica is streaming."""
         if self.base_dir is not None:
             raise ClusterError("a LocalCluster can be started only once")
+        _check_server_can_enter(self.parent_dir)
         self.base_dir = Path(tempfile.mkdtemp(prefix="picopool-cluster-", dir=self.parent_dir))
         # Registered before any server exists, so a failure half-way cleans up too.
         self._finalizer = weakref.finalize(self, _shut_down, self.nodes, self.base_dir)
@@ -372,8 +394,7 @@ class LocalCluster:
             _chown_to_server_user(self.base_dir)
             self.base_dir.chmod(0o755)
             self._primary = self._create_primary()
-            for _ in range(self.initial_replicas):
-                self._create_replica()
+            self._create_replicas(self.initial_replicas)
             self.wait_streaming()
         except BaseException:
             self.stop()
@@ -388,7 +409,7 @@ class LocalCluster:
 
     def add_replica(self) -> LocalNode:
         """Clone a new replica from the current primary and wait until it streams."""
-        node = self._create_replica()
+        (node,) = self._create_replicas(1)
         self._update_synchronous_standbys()
         self.wait_streaming()
         return node
@@ -429,7 +450,9 @@ class LocalCluster:
 
     def wait_replayed(self, timeout: float = 30) -> None:
         """Wait until every running replica has replayed all WAL the primary has written now."""
-        lsn = self.primary.sql("select pg_current_wal_lsn()")
+        # The insert position: with synchronous_commit=off, the write position
+        # (pg_current_wal_lsn) can still lag behind the last commit record.
+        lsn = self.primary.sql("select pg_current_wal_insert_lsn()")
         pending = [r for r in self.replicas if r.is_running()]
         query = f"select pg_last_wal_replay_lsn() >= '{lsn}'::pg_lsn"
 
@@ -474,9 +497,16 @@ class LocalCluster:
         self._first_start(node)
         return node
 
-    def _create_replica(self) -> LocalNode:
+    def _create_replicas(self, count: int) -> list[LocalNode]:
+        nodes = [self._new_node() for _ in range(count)]
+        # Cloning is mostly file copying; in parallel it takes about half the time.
+        with ThreadPoolExecutor(max_workers=max(1, count)) as executor:
+            for future in [executor.submit(self._build_replica, node) for node in nodes]:
+                future.result()  # re-raise a failure
+        return nodes
+
+    def _build_replica(self, node: LocalNode) -> None:
         primary = self.primary
-        node = self._new_node()
         _run_server_program(
             [
                 self.pg_bin / "pg_basebackup",
@@ -498,7 +528,6 @@ class LocalCluster:
             }
         )
         self._first_start(node)
-        return node
 
     def _new_node(self) -> LocalNode:
         assert self.base_dir is not None
@@ -556,6 +585,25 @@ def _shut_down(nodes: Sequence[LocalNode], base_dir: Path) -> None:
 # -- processes ----------------------------------------------------------------------
 
 
+def _remove_crash_leftovers(lock_file: Path, lock_lines: Sequence[str]) -> None:
+    """Remove what a shutdown would have, once every process of the server is dead.
+
+    The lock files would make the restart refuse to run while their PID exists,
+    and a zombie (this init reaps slowly) or a reused PID does. Without
+    postmaster.pid the restart would not know the shared memory segment, so it
+    goes too. Dynamic shared memory lives in the data dir (``mmap``).
+    """
+    lock_file.unlink(missing_ok=True)
+    if len(lock_lines) > 4 and lock_lines[4]:  # socket directory, port
+        socket = Path(lock_lines[4]) / f".s.PGSQL.{lock_lines[3]}"
+        socket.with_name(socket.name + ".lock").unlink(missing_ok=True)
+        socket.unlink(missing_ok=True)
+    shmem_key_and_id = lock_lines[6].split() if len(lock_lines) > 6 else []
+    if len(shmem_key_and_id) == 2 and shmem_key_and_id[1].isdigit():
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None).shmctl(int(shmem_key_and_id[1]), _IPC_RMID, None)
+
+
 def _server_user_ids() -> tuple[int, int] | None:
     """(uid, gid) to run server programs as, or None to run them as ourselves."""
     if os.geteuid() != 0:
@@ -610,11 +658,10 @@ def _log_tail(log_file: Path | None, lines: int = 20) -> str:
 
 
 def _is_postmaster_of(pid: int, data_dir: Path) -> bool:
-    proc = Path(f"/proc/{pid}")
-    if not Path("/proc/self").exists():  # no procfs (macOS): settle for "alive"
+    if not _HAVE_PROCFS:  # macOS: settle for "alive"
         return _is_alive(pid)
     try:
-        argv = (proc / "cmdline").read_bytes().split(b"\0")
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
     # pg_ctl runs "<bindir>/postgres -D <data_dir>"; a zombie has an empty cmdline.
@@ -626,24 +673,23 @@ def _is_postmaster_of(pid: int, data_dir: Path) -> bool:
 
 def _is_alive(pid: int) -> bool:
     """True while ``pid`` runs; zombies count as gone (they hold no port or memory)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    except OSError:
-        pass
-    else:
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
+    if not _HAVE_PROCFS:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
         return True
-    return True
+    try:
+        proc_stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return proc_stat.rsplit(")", 1)[1].split()[0] != "Z"  # the state follows "(command)"
 
 
 def _child_pids(parent: int) -> list[int]:
+    """Direct children of ``parent`` (none found without procfs)."""
     children = []
     for stat_file in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -694,6 +740,28 @@ def _chown_to_server_user(path: Path) -> None:
     ids = _server_user_ids()
     if ids is not None:
         os.chown(path, *ids)
+
+
+def _check_server_can_enter(directory: Path) -> None:
+    """Fail early and clearly if the server user can't reach ``directory`` (e.g. under /root)."""
+    ids = _server_user_ids()
+    if ids is None:
+        return  # we run the servers as ourselves, and we could create the directory
+    uid, gid = ids
+    for path in [directory, *directory.parents]:
+        mode = path.stat()
+        needed = (
+            stat.S_IXUSR
+            if mode.st_uid == uid
+            else stat.S_IXGRP
+            if mode.st_gid == gid
+            else stat.S_IXOTH
+        )
+        if not mode.st_mode & needed:
+            raise ClusterError(
+                f"user {_OS_USER!r} cannot enter {path}; "
+                f"pass a base_dir it can reach, such as one under {tempfile.gettempdir()}"
+            )
 
 
 def _write_owned(path: Path, text: str) -> None:

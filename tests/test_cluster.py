@@ -5,6 +5,8 @@ The module-scoped cluster is shared, so tests run in file order and failover com
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from picopool.cluster import ClusterError, LocalCluster, LocalNode, find_pg_bin
+
+pytestmark = pytest.mark.integration
 
 try:
     find_pg_bin()
@@ -46,6 +50,11 @@ def process_alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"  # zombies are dead
+
+
+def shared_memory_ids() -> set[str]:
+    lines = Path("/proc/sysvipc/shm").read_text().splitlines()[1:]
+    return {line.split()[1] for line in lines}
 
 
 def test_find_pg_bin(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -88,8 +97,10 @@ def test_kill_and_restart_replica(cluster: LocalCluster) -> None:
     replica = cluster.replicas[1]
     pid = replica.pid
     assert pid is not None
+    shmid = (replica.data_dir / "postmaster.pid").read_text().splitlines()[6].split()[1]
     replica.kill()
     assert not process_alive(pid)
+    assert shmid not in shared_memory_ids()  # kill() cleans up like a shutdown would
     assert replica.pid is None and not replica.is_running()
     replica.kill()  # already dead: no-op
     with pytest.raises(ClusterError):
@@ -147,8 +158,9 @@ def test_synchronous_add_replica_and_stop() -> None:
         added = cluster.add_replica()
         assert added.name == "node2" and cluster.replicas[-1] is added
         assert primary.sql("show synchronous_standby_names") == "ANY 1 (node1, node2)"
-        states = primary.sql("select application_name, sync_state from pg_stat_replication")
-        assert sorted(states.split()) == ["node1|quorum", "node2|quorum"]
+        # Walsenders apply the new standby list a moment after the reload.
+        query = "select application_name || ':' || sync_state from pg_stat_replication"
+        wait_until(lambda: sorted(primary.sql(query).split()) == ["node1:quorum", "node2:quorum"])
 
         base_dir = cluster.base_dir
         pids = [node.pid for node in cluster.nodes]
@@ -169,3 +181,26 @@ def test_apply_delay_option_and_stop_after_crash() -> None:
     assert base_dir is not None and not base_dir.exists()
     assert pids[0] is None and pids[1] is not None and not process_alive(pids[1])
     assert base_dir.name.startswith("picopool-cluster-")
+
+
+def test_failed_start_cleans_up() -> None:
+    parent = Path(tempfile.mkdtemp())
+    parent.chmod(0o755)  # reachable for the postgres user when we are root
+    try:
+        cluster = LocalCluster(replicas=1, base_dir=parent, settings={"shared_buffers": "bogus"})
+        with pytest.raises(ClusterError, match="did not start") as failure:
+            cluster.start()
+        assert "shared_buffers" in str(failure.value)  # the server log's tail is included
+        assert list(parent.iterdir()) == []
+    finally:
+        parent.rmdir()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root hands the servers to another user")
+def test_unreachable_base_dir_is_reported() -> None:
+    with tempfile.TemporaryDirectory() as private:  # mode 0700, owned by root, like /root
+        base_dir = Path(private) / "clusters"
+        base_dir.mkdir(mode=0o755)
+        with pytest.raises(ClusterError, match="cannot enter"):
+            LocalCluster(replicas=0, base_dir=base_dir).start()
+        assert list(base_dir.iterdir()) == []

@@ -6,6 +6,7 @@ values. Implement :class:`DiscoveryProvider` to add another.
 
 from ._auto import detect_provider
 from ._base import Discovered, DiscoveryContext, DiscoveryProvider
+from ._picodata import Picodata
 from ._static import Static
 from ._streaming import Streaming
 
@@ -13,6 +14,7 @@ __all__ = [
     "Discovered",
     "DiscoveryContext",
     "DiscoveryProvider",
+    "Picodata",
     "Static",
     "Streaming",
     "detect_provider",

@@ -68,7 +68,7 @@ class DiscoveryProvider(abc.ABC):
         """asyncpg pool options this kind of cluster needs (e.g. a custom reset)."""
         return {}
 
-    async def aclose(self) -> None:
+    async def aclose(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release anything the provider holds (HTTP clients, monitor connections)."""
 
     def __repr__(self) -> str:
