@@ -408,6 +408,7 @@ class Pool:
             previous is not None
             and previous.instances == instances
             and previous.symmetric == discovered.symmetric
+            and previous.service_address == self._service.service_address()
         )
         if not unchanged:
             self._topology = Topology(
@@ -535,7 +536,7 @@ class Pool:
                 for _ in range(pool.get_idle_size()):
                     connection = await pool.acquire(timeout=0.01)
                     taken.append(connection)
-                    await connection.execute(";", timeout=self._connect_timeout)
+                    await connection.fetchval("SELECT 1", timeout=self._connect_timeout)
             except (TimeoutError, asyncpg.InterfaceError):
                 pass  # the pool got busy: users are checking connections for us
             except Exception as exc:
@@ -835,7 +836,7 @@ class Pool:
                       default: RoleRequest | None) -> Decision:
         explicit = default if role is None else parse_role(role, RoleRequest.PRIMARY)
         volatile: frozenset[str] = frozenset()
-        if self._check_volatility:
+        if self._check_volatility and not self._symmetric:  # peers serve everything anyway
             volatile = await self._volatile_functions(query)
         return decide(query, explicit=explicit, scoped=_route_scope.get(),
                       policy=self._policy, symmetric=self._symmetric,

@@ -114,28 +114,38 @@ _PG_WHITESPACE = " \t\n\r\f\v"
 _IDENT_START = "A-Za-z_\\x80-\\U0010ffff"
 _IDENT = f"[{_IDENT_START}][{_IDENT_START}0-9$]*"
 _DOLLAR_TAG = f"[{_IDENT_START}][{_IDENT_START}0-9]*"
-# A block comment without a nested "/*" (those take the exact slow path).
+
+# One token.  Alternatives are tried in order, the common ones first; `error` is the
+# opening of a string, quoted name, dollar quote or comment that never closes, and
+# takes the rest of the text so it can only be the last match.
+_TOKEN = (
+    # a word, unless it is the prefix of E'..', B'..', X'..', N'..', U&'..' or U&".."
+    f"(?P<token>(?![bBeEnNxX]'|[uU]&['\"]){_IDENT}"
+    # punctuation, operators (never eating the start of a comment), numbers, $1
+    r"|[(),;.\[\]]|(?:[~!@#^&|`?+*%<>=:]|-(?!-)|/(?!\*))+"
+    r"|\d+(?:\.\d*)?(?:[eE][+-]?\d+)?|\$\d+"
+    '|"[^"]*(?:""[^"]*)*")'  # a quoted name
+    "|(?P<literal>'[^']*(?:''[^']*)*'"
+    r"|[eE]'[^'\\]*(?:(?:\\.|'')[^'\\]*)*'"  # backslash escapes
+    "|(?:[uU]&|[bBxXnN])'[^']*(?:''[^']*)*'"
+    f"|\\$(?P<tag>(?:{_DOLLAR_TAG})?)\\$.*?\\$(?P=tag)\\$)"
+    '|[uU]&(?P<unicode_quoted>"[^"]*(?:""[^"]*)*")'
+    f"|(?P<error>(?:[eEbBxXnN]?'|[uU]&['\"]|\"|/\\*|\\$(?:{_DOLLAR_TAG})?\\$).*)"
+)
+_LINE_COMMENT = r"--[^\n\r]*"
+# A block comment with no nested "/*"; nested ones are measured by _nested_comment_end.
 _FLAT_BLOCK_COMMENT = r"/\*[^*/]*(?:(?:\*(?!/)|/(?!\*))[^*/]*)*\*/"
 
-# Alternatives are tried in order; every group but `tag` is one token kind, and a
-# match with no group set is a comment.  `error` catches the opening of anything
-# that did not close above it, so no string or comment is ever lexed as code.
-_TOKEN_RE = re.compile(
-    "(?s)"
-    r"--[^\n\r]*"
-    f"|{_FLAT_BLOCK_COMMENT}"
-    "|(?P<literal>"
-    r"[eE]'[^'\\]*(?:(?:\\.|'')[^'\\]*)*'"  # E'..' with backslash escapes
-    r"|(?:[uU]&|[bBxXnN])?'[^']*(?:''[^']*)*'"  # '..', U&'..', B'..', X'..', N'..'
-    f"|\\$(?P<tag>(?:{_DOLLAR_TAG})?)\\$.*?\\$(?P=tag)\\$"  # $tag$..$tag$
-    ")"
-    r'|(?P<quoted>(?:[uU]&)?"[^"]*(?:""[^"]*)*")'
-    f"|(?P<error>[eEbBxXnN]?'|[uU]&['\"]|\"|/\\*|\\$(?:{_DOLLAR_TAG})?\\$)"
-    f"|(?P<word>{_IDENT})"
-    r"|(?P<other>\d+(?:\.\d*)?(?:[eE][+-]?\d+)?|\$\d+|[(),;.\[\]$]"
-    r"|(?:[~!@#^&|`?+*%<>=:]|-(?!-)|/(?!\*))+)"
-)
+# For comment-free text: each match also eats the whitespace after it.
+_TOKEN_RE = re.compile(f"(?s)(?:{_TOKEN})[{_PG_WHITESPACE}]*")
+# Exact spans, comments included (a match with no group set is a comment).
+_SPAN_RE = re.compile(f"(?s){_LINE_COMMENT}|{_FLAT_BLOCK_COMMENT}|{_TOKEN}")
 _NESTING_RE = re.compile(r"/\*|\*/")
+# Dollar-quote tags are case-sensitive, so text holding one that lowercasing would
+# change cannot be lowercased before lexing.
+_CASED_DOLLAR_TAG_RE = re.compile(
+    f"\\$[{_IDENT_START}0-9]*[^\\W\\da-z_][{_IDENT_START}0-9]*\\$"
+)
 
 
 class _Unparseable(Exception):
@@ -143,30 +153,21 @@ class _Unparseable(Exception):
 
 
 def _lex(query: str) -> list[str]:
-    """Significant tokens of *query*: words lowercased, punctuation and operators as
-    written, quoted names as ``"name"``, string literals as ``'...'`` (or ``''`` when
-    prefixed or dollar-quoted).  Comments are dropped."""
-    tokens: list[str] = []
-    append = tokens.append
-    for literal, _tag, quoted, error, word, other in _TOKEN_RE.findall(query):
-        if word:
-            append(word.lower())
-        elif other:
-            append(other)
-        elif literal:
-            append(literal if literal[0] == "'" else "''")
-        elif quoted:
-            append(quoted if quoted[0] == '"' else quoted[2:])
-        elif error:
-            if error == "/*":  # nested or unterminated: decide exactly
-                text, complete = _remove_comments(query)
-                if complete:
-                    return _lex(text)
+    """Significant tokens of *query*: words lowercased, punctuation, operators and
+    numbers as written, quoted names as ``"name"``, every string literal as ``''``."""
+    if "--" in query or "/*" in query:
+        query, complete = _remove_comments(query)
+        if not complete:
             raise _Unparseable
-    return tokens
+    lowercase_first = not ("$" in query and _CASED_DOLLAR_TAG_RE.search(query))
+    matches = _TOKEN_RE.findall(query.lower() if lowercase_first else query)
+    if matches and matches[-1][-1]:
+        raise _Unparseable
+    tokens = [token or quoted or "''" for token, _, _, quoted, _ in matches]
+    return tokens if lowercase_first else [token.lower() for token in tokens]
 
 
-_COMMENT, _ERROR, _TOKEN = 0, 1, 2
+_COMMENT, _ERROR, _OTHER = 0, 1, 2
 
 
 def _spans(query: str) -> Iterator[tuple[int, int, int]]:
@@ -174,17 +175,17 @@ def _spans(query: str) -> Iterator[tuple[int, int, int]]:
     from an unterminated construct to the end of the text and is always last."""
     pos = 0
     while True:
-        for match in _TOKEN_RE.finditer(query, pos):
+        for match in _SPAN_RE.finditer(query, pos):
             start, end = match.span()
             group = match.lastgroup
             if group is None:
                 yield _COMMENT, start, end
             elif group != "error":
-                yield _TOKEN, start, end
-            elif match.group("error") == "/*" and (end := _nested_comment_end(query, start)):
+                yield _OTHER, start, end
+            elif query.startswith("/*", start) and (end := _nested_comment_end(query, start)):
                 yield _COMMENT, start, end
                 pos = end
-                break  # resume lexing after the comment
+                break  # resume lexing after the nested comment
             else:
                 yield _ERROR, start, len(query)
                 return
@@ -205,13 +206,14 @@ def _nested_comment_end(query: str, start: int) -> int:
 def _remove_comments(query: str) -> tuple[str, bool]:
     """*query* without comments, and whether it lexed completely.  A comment becomes
     one space unless whitespace already separates its neighbours, so no two tokens
-    merge (``1-/**/-2`` must not become the comment ``1--2``)."""
+    merge (``1-/**/-2`` must not become ``1--2``, a comment).  An unterminated
+    construct and all after it is kept verbatim, so it stays unparseable."""
     parts: list[str] = []
     last = 0
-    removed = False
     for kind, start, end in _spans(query):
         if kind == _ERROR:
-            break  # keep the unterminated rest verbatim: it stays unparseable
+            parts.append(query[last:])
+            return "".join(parts), False
         if kind == _COMMENT:
             parts.append(query[last:start])
             before = query[start - 1] if start else " "
@@ -219,14 +221,10 @@ def _remove_comments(query: str) -> tuple[str, bool]:
             if before not in _PG_WHITESPACE and after not in _PG_WHITESPACE:
                 parts.append(" ")
             last = end
-            removed = True
-    else:
-        if not removed:
-            return query, True
-        parts.append(query[last:])
-        return "".join(parts).strip(_PG_WHITESPACE), True
+    if not parts:
+        return query, True
     parts.append(query[last:])
-    return "".join(parts), False
+    return "".join(parts).strip(_PG_WHITESPACE), True
 
 
 # ----------------------------------------------------------------------- keywords
@@ -406,6 +404,7 @@ _NO_WITH, _WITH_CTES, _WITH_BODY = 0, 1, 2  # where a WITH clause at one depth i
 class _Scan(NamedTuple):
     functions: frozenset[str]
     modifies_data: bool  # INSERT/UPDATE/DELETE/MERGE in a CTE or sub-query
+    dml_after_with: bool  # WITH ... UPDATE ...: the statement itself is DML
     locking: bool  # FOR UPDATE / NO KEY UPDATE / SHARE / KEY SHARE anywhere
     select_into: bool
     balanced: bool
@@ -414,44 +413,39 @@ class _Scan(NamedTuple):
 def _scan(tokens: list[str], head: int) -> _Scan:
     """One pass over a statement whose leading keyword is ``tokens[head]``."""
     functions: set[str] = set()
-    modifies_data = locking = select_into = False
+    modifies_data = dml_after_with = locking = select_into = False
     with_states = [_NO_WITH]  # per open parenthesis, plus the statement level
     openers: list[str] = []  # the token before each open parenthesis
     last_closed_opener = ""
-    at_start = True  # first token of the statement or of a parenthesised group
-    prev = ""
-    count = len(tokens)
-    for index in range(count):
-        token = tokens[index]
+    for index, token in enumerate(tokens):
         if token not in _SCAN_TRIGGERS:
-            prev = token
-            at_start = False
             continue
+        prev = tokens[index - 1] if index else ""
         if token == "(":
-            if index - 1 > head and _is_name(prev):
+            if index - 1 > head and _is_name(prev) and with_states[-1] != _WITH_CTES:
                 name = _called_function(tokens, index, head, last_closed_opener)
-                if name is not None and with_states[-1] != _WITH_CTES:
+                if name is not None:
                     functions.add(name)
             openers.append(prev)
             with_states.append(_NO_WITH)
-            at_start = True
         elif token == ")":
             if not openers:
-                return _Scan(frozenset(functions), modifies_data, locking, select_into, False)
+                return _Scan(frozenset(functions), modifies_data, dml_after_with, locking,
+                             select_into, balanced=False)
             last_closed_opener = openers.pop()
             with_states.pop()
-            at_start = False
         elif prev == "." or prev == "as":
-            at_start = False  # a column label or qualified name, never a keyword
-        elif at_start:
-            at_start = False
+            pass  # a column label or qualified name, never a keyword
+        elif index == 0 or prev == "(":  # the first word of a (sub-)statement
             if token in _DML:
                 modifies_data = True
             elif token == "with":
                 with_states[-1] = _WITH_CTES
         elif with_states[-1] == _WITH_CTES and token in _WITH_MAIN_STATEMENTS:
             with_states[-1] = _WITH_BODY
-            modifies_data = modifies_data or token in _DML
+            if token in _DML:
+                modifies_data = True
+                dml_after_with = dml_after_with or not openers
         elif token == "for":
             following = tokens[index + 1 : index + 4]
             if following and (
@@ -462,8 +456,8 @@ def _scan(tokens: list[str], head: int) -> _Scan:
                 locking = True
         elif token == "into":
             select_into = True
-        prev = token
-    return _Scan(frozenset(functions), modifies_data, locking, select_into, not openers)
+    return _Scan(frozenset(functions), modifies_data, dml_after_with, locking, select_into,
+                 balanced=not openers)
 
 
 def _called_function(tokens: list[str], paren: int, head: int, closed: str) -> str | None:
@@ -504,7 +498,7 @@ def _select_verdict(reason: str, scan: _Scan, with_clause: bool) -> _Verdict:
     if not scan.balanced:
         return _Verdict(StatementKind.WRITE, "unparseable", functions, True)
     if scan.modifies_data:
-        why = "data-modifying CTE" if with_clause else "DML"
+        why = "data-modifying CTE" if with_clause and not scan.dml_after_with else "DML"
         return _Verdict(StatementKind.WRITE, why, functions, _unsafe(functions))
     if scan.locking:
         return _Verdict(StatementKind.WRITE, "locking clause", functions, _unsafe(functions))

@@ -261,7 +261,7 @@ class LocalNode:
         if value is None:
             self.sql(f"alter system reset {name}")
         else:
-            self.sql(f"alter system set {name} = {_quote(value)}")
+            self.sql(f"alter system set {name} = {_sql_literal(value)}")
         self.reload()  # a separate statement: ALTER SYSTEM may not run in a transaction
 
     def reload(self, timeout: float = 10) -> None:
@@ -308,7 +308,7 @@ class LocalNode:
         lines = path.read_text().splitlines() if path.exists() else []
         replaced = {name.lower() for name in settings}
         kept = [line for line in lines if _conf_line_name(line) not in replaced]
-        kept += [f"{name} = {_quote(v)}" for name, v in settings.items() if v is not None]
+        kept += [f"{name} = {_conf_literal(v)}" for name, v in settings.items() if v is not None]
         _write_owned(path, "\n".join(kept) + "\n")
 
 
@@ -417,12 +417,16 @@ class LocalCluster:
     def failover(self, new_primary: LocalNode | None = None) -> LocalNode:
         """Kill the primary, promote ``new_primary`` (default: first replica), repoint the rest.
 
-        The old primary stays down and is listed in ``failed``. Replicas that
-        received more WAL than the new primary cannot follow it; for zero-loss
-        tests pass the most advanced replica (compare ``pg_last_wal_receive_lsn()``).
+        Returns once the other running replicas stream from the new primary. The
+        old primary stays down and is listed in ``failed``. Caveats:
+
+        * Replicas that received more WAL than the new primary cannot follow it; for
+          zero-loss tests pass the most advanced replica (``pg_last_wal_receive_lsn()``).
+        * A replica with an apply delay switches over only after applying the
+          delayed WAL, so this can take up to that delay.
         """
         candidates = [n for n in self.replicas if n.is_running()]
-        target = new_primary if new_primary is not None else next(iter(candidates), None)
+        target = new_primary or (candidates[0] if candidates else None)
         if target is None or target not in candidates:
             raise ClusterError(f"no running replica to promote (asked for {new_primary})")
         old = self.primary
@@ -484,7 +488,7 @@ class LocalCluster:
             settings["synchronous_standby_names"] = _quorum(names)
         conf = node.data_dir / "postgresql.conf"
         # Appended, so these win over initdb's defaults; replicas inherit the file.
-        lines = [f"{name} = {_quote(value)}" for name, value in settings.items()]
+        lines = [f"{name} = {_conf_literal(value)}" for name, value in settings.items()]
         _write_owned(conf, conf.read_text() + "\n# picopool.cluster\n" + "\n".join(lines) + "\n")
         _write_owned(
             node.data_dir / "pg_hba.conf",
@@ -595,9 +599,9 @@ def _remove_crash_leftovers(lock_file: Path, lock_lines: Sequence[str]) -> None:
     """
     lock_file.unlink(missing_ok=True)
     if len(lock_lines) > 4 and lock_lines[4]:  # socket directory, port
-        socket = Path(lock_lines[4]) / f".s.PGSQL.{lock_lines[3]}"
-        socket.with_name(socket.name + ".lock").unlink(missing_ok=True)
-        socket.unlink(missing_ok=True)
+        socket_path = Path(lock_lines[4]) / f".s.PGSQL.{lock_lines[3]}"
+        socket_path.with_name(socket_path.name + ".lock").unlink(missing_ok=True)
+        socket_path.unlink(missing_ok=True)
     shmem_key_and_id = lock_lines[6].split() if len(lock_lines) > 6 else []
     if len(shmem_key_and_id) == 2 and shmem_key_and_id[1].isdigit():
         with contextlib.suppress(OSError, AttributeError):
@@ -749,15 +753,14 @@ def _check_server_can_enter(directory: Path) -> None:
         return  # we run the servers as ourselves, and we could create the directory
     uid, gid = ids
     for path in [directory, *directory.parents]:
-        mode = path.stat()
-        needed = (
-            stat.S_IXUSR
-            if mode.st_uid == uid
-            else stat.S_IXGRP
-            if mode.st_gid == gid
-            else stat.S_IXOTH
-        )
-        if not mode.st_mode & needed:
+        info = path.stat()
+        if info.st_uid == uid:
+            needed = stat.S_IXUSR
+        elif info.st_gid == gid:
+            needed = stat.S_IXGRP
+        else:
+            needed = stat.S_IXOTH
+        if not info.st_mode & needed:
             raise ClusterError(
                 f"user {_OS_USER!r} cannot enter {path}; "
                 f"pass a base_dir it can reach, such as one under {tempfile.gettempdir()}"
@@ -770,9 +773,13 @@ def _write_owned(path: Path, text: str) -> None:
     _chown_to_server_user(path)
 
 
-def _quote(value: str) -> str:
-    """A single-quoted literal valid both in postgresql.conf and in SQL."""
+def _conf_literal(value: str) -> str:
+    """A quoted postgresql.conf value (there, unlike in SQL, backslash escapes)."""
     return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
+def _sql_literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
 
 
 def _quorum(names: Sequence[str]) -> str:

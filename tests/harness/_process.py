@@ -37,7 +37,7 @@ class HarnessUnavailable(HarnessError):
 
 
 def pg_bin() -> Path:
-    """PostgreSQL's server binaries: ``$PICOPOOL_PG_BIN`` or the newest /usr/lib/postgresql/*/bin."""
+    """The server binaries: ``$PICOPOOL_PG_BIN``, else the newest /usr/lib/postgresql/*/bin."""
     configured = os.environ.get("PICOPOOL_PG_BIN")
     candidates = [Path(configured)] if configured else sorted(
         Path("/usr/lib/postgresql").glob("*/bin"), key=_major_version, reverse=True)

@@ -326,6 +326,23 @@ class AutoFailoverCluster:
             kill_session(node.process, signal.SIGKILL)  # first, so it restarts nothing
         kill_postmaster(node.pgdata, signal.SIGKILL)
 
+    def restart_node(self, name: str, timeout: float = 90) -> None:
+        """Run a killed node's keeper again; return once it is a healthy secondary."""
+        node = self.node(name)
+        if node.is_running():
+            return
+        kill_postmaster(node.pgdata, signal.SIGKILL)  # a leftover would confuse the keeper
+        self._spawn(node, ["run", "--pgdata", node.pgdata])
+        self._wait_states({name: frozenset({"secondary"})}, timeout)
+        self.wait_healthy(timeout)
+
+    def ensure_healthy(self, timeout: float = 90) -> AutoFailoverNode:
+        """Restart killed nodes, then wait for a writable primary and healthy secondaries."""
+        for node in self.nodes.values():
+            if not node.is_running():
+                self.restart_node(node.name, timeout)
+        return self.wait_healthy(timeout)
+
     def wait_new_primary(self, old: AutoFailoverNode | str, timeout: float = 60
                          ) -> AutoFailoverNode:
         """Wait until the monitor names another primary and it takes writes."""

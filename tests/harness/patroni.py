@@ -212,7 +212,9 @@ class PatroniCluster:
             log_file=self.base_dir / f"{name}.log",
         )  # fmt: skip
         self._data_dirs.append(node.data_dir)
-        parameters = {"fsync": "off", "synchronous_commit": "on" if self.synchronous_mode else "off"}
+        # Synchronous mode is for tests that must lose no acknowledged write.
+        synchronous_commit = "on" if self.synchronous_mode else "off"
+        parameters = {"fsync": "off", "synchronous_commit": synchronous_commit}
         config = {
             "scope": SCOPE,
             "namespace": NAMESPACE,
@@ -335,7 +337,8 @@ class PatroniCluster:
 
         In synchronous mode also wait until one of them is the sync standby.
         """
-        expected = count if count is not None else sum(n.is_running() for n in self.nodes.values()) - 1
+        running = sum(node.is_running() for node in self.nodes.values())
+        expected = count if count is not None else running - 1
 
         def ready() -> bool:
             members = self.members()
