@@ -136,7 +136,7 @@ def test_membership_follows_role_and_state_rules(items: list[dict[str, Any]]) ->
 def test_one_running_leader_is_the_only_primary(
     leader: dict[str, Any], others: list[dict[str, Any]], random: Any
 ) -> None:
-    leader.update(role="leader", state="running", host="10.0.0.1", port=5432)
+    leader.update(name="the-leader", role="leader", state="running", host="10.0.0.1", port=5432)
     for index, member in enumerate(others):
         member["name"] = f"other{index}"
         if member.get("role") in ("leader", "master"):

@@ -21,6 +21,8 @@ import sys
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+import asyncpg
+
 import picopool
 from picopool.cluster import LocalCluster
 from picopool.strategies import RoundRobin
@@ -115,6 +117,10 @@ async def picodata(url: str) -> None:
     """picodata-go's example flow: discover the cluster, balance, query items."""
     async with picopool.create_pool(url, strategy=RoundRobin()) as pool:
         print(f"connected: {pool!r}")
+        await pool.execute("CREATE TABLE IF NOT EXISTS items "
+                           "(id INTEGER PRIMARY KEY, name TEXT, stock INTEGER)")
+        with contextlib.suppress(asyncpg.UniqueViolationError):
+            await pool.execute("INSERT INTO items VALUES ($1, $2, $3)", 1, "apple", 10)
         for row in await pool.fetch("SELECT id, name, stock FROM items"):
             print(f"  {row['id']} {row['name']} {row['stock']}")
 
