@@ -115,9 +115,13 @@ _IDENT_START = "A-Za-z_\\x80-\\U0010ffff"
 _IDENT = f"[{_IDENT_START}][{_IDENT_START}0-9$]*"
 _DOLLAR_TAG = f"[{_IDENT_START}][{_IDENT_START}0-9]*"
 
-# One token.  Alternatives are tried in order, the common ones first; `error` is the
-# opening of a string, quoted name, dollar quote or comment that never closes, and
-# takes the rest of the text so it can only be the last match.
+# A block comment with no nested "/*"; nested ones are measured by _nested_comment_end.
+_FLAT_BLOCK_COMMENT = r"/\*[^*/]*(?:(?:\*(?!/)|/(?!\*))[^*/]*)*\*/"
+
+# One token or comment.  Alternatives are tried in order, the common ones first; a
+# match with no group set is a comment.  `error` is the opening of a string, quoted
+# name, dollar quote or comment that does not close (or a nested comment, which takes
+# the exact slow path); it takes the rest of the text, so it is always the last match.
 _TOKEN = (
     # a word, unless it is the prefix of E'..', B'..', X'..', N'..', U&'..' or U&".."
     f"(?P<token>(?![bBeEnNxX]'|[uU]&['\"]){_IDENT}"
@@ -130,16 +134,14 @@ _TOKEN = (
     "|(?:[uU]&|[bBxXnN])'[^']*(?:''[^']*)*'"
     f"|\\$(?P<tag>(?:{_DOLLAR_TAG})?)\\$.*?\\$(?P=tag)\\$)"
     '|[uU]&(?P<unicode_quoted>"[^"]*(?:""[^"]*)*")'
+    r"|--[^\n\r]*"
+    f"|{_FLAT_BLOCK_COMMENT}"
     f"|(?P<error>(?:[eEbBxXnN]?'|[uU]&['\"]|\"|/\\*|\\$(?:{_DOLLAR_TAG})?\\$).*)"
 )
-_LINE_COMMENT = r"--[^\n\r]*"
-# A block comment with no nested "/*"; nested ones are measured by _nested_comment_end.
-_FLAT_BLOCK_COMMENT = r"/\*[^*/]*(?:(?:\*(?!/)|/(?!\*))[^*/]*)*\*/"
-
-# For comment-free text: each match also eats the whitespace after it.
+# For lexing: each match also eats the whitespace after it.
 _TOKEN_RE = re.compile(f"(?s)(?:{_TOKEN})[{_PG_WHITESPACE}]*")
-# Exact spans, comments included (a match with no group set is a comment).
-_SPAN_RE = re.compile(f"(?s){_LINE_COMMENT}|{_FLAT_BLOCK_COMMENT}|{_TOKEN}")
+# For exact spans of tokens and comments.
+_SPAN_RE = re.compile(f"(?s){_TOKEN}")
 _NESTING_RE = re.compile(r"/\*|\*/")
 # Dollar-quote tags are case-sensitive, so text holding one that lowercasing would
 # change cannot be lowercased before lexing.
@@ -154,16 +156,24 @@ class _Unparseable(Exception):
 
 def _lex(query: str) -> list[str]:
     """Significant tokens of *query*: words lowercased, punctuation, operators and
-    numbers as written, quoted names as ``"name"``, every string literal as ``''``."""
-    if "--" in query or "/*" in query:
-        query, complete = _remove_comments(query)
-        if not complete:
-            raise _Unparseable
+    numbers as written, quoted names as ``"name"``, every string literal as ``''``;
+    comments dropped."""
     lowercase_first = not ("$" in query and _CASED_DOLLAR_TAG_RE.search(query))
     matches = _TOKEN_RE.findall(query.lower() if lowercase_first else query)
     if matches and matches[-1][-1]:
+        if matches[-1][-1].startswith("/*"):  # a nested comment, or an unclosed one
+            text, complete = _remove_comments(query)
+            if complete:
+                return _lex(text)
         raise _Unparseable
-    tokens = [token or quoted or "''" for token, _, _, quoted, _ in matches]
+    if "--" in query or "/*" in query:
+        tokens = [
+            token or quoted or "''"
+            for token, literal, _, quoted, _ in matches
+            if token or literal or quoted  # not a comment
+        ]
+    else:
+        tokens = [token or quoted or "''" for token, _, _, quoted, _ in matches]
     return tokens if lowercase_first else [token.lower() for token in tokens]
 
 
@@ -698,14 +708,22 @@ def _hint_comments(query: str) -> list[_HintComment]:
 def _ends_inside_a_token(prefix: str) -> bool:
     """Whether text appended to *prefix* would continue an unterminated construct
     or a line comment (so it is not a comment of its own)."""
-    last = deque(_spans(prefix), maxlen=1)
+    last = deque(_SPAN_RE.finditer(prefix), maxlen=1)
     if not last:
         return False
-    kind, start, end = last[0]
-    if kind == _ERROR:
-        return True
+    match = last[0]
+    if match.lastgroup == "error":
+        if not prefix.startswith("/*", match.start()):
+            return True
+        # A nested comment somewhere: walk the prefix exactly.
+        exact = deque(_spans(prefix), maxlen=1)
+        kind, start, end = exact[0]
+        if kind == _ERROR:
+            return True
+    else:
+        start, end = match.span()
     # A line comment running to the end of the prefix swallows what follows.
-    return kind == _COMMENT and prefix.startswith("--", start) and end == len(prefix)
+    return prefix.startswith("--", start) and end == len(prefix)
 
 
 def _find_hint(query: str) -> RoutingHint | None:

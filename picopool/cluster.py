@@ -43,6 +43,7 @@ import signal
 import socket
 import stat
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -388,8 +389,11 @@ class LocalCluster:
             raise ClusterError("a LocalCluster can be started only once")
         _check_server_can_enter(self.parent_dir)
         self.base_dir = Path(tempfile.mkdtemp(prefix="picopool-cluster-", dir=self.parent_dir))
+        watchdog = _start_watchdog(self.base_dir)
         # Registered before any server exists, so a failure half-way cleans up too.
-        self._finalizer = weakref.finalize(self, _shut_down, self.nodes, self.base_dir)
+        self._finalizer = weakref.finalize(
+            self, _shut_down, self.nodes, self.base_dir, watchdog=watchdog
+        )
         try:
             _chown_to_server_user(self.base_dir)
             self.base_dir.chmod(0o755)
@@ -569,7 +573,12 @@ class LocalCluster:
 # -- cleanup ----------------------------------------------------------------------
 
 
-def _shut_down(nodes: Sequence[LocalNode], base_dir: Path) -> None:
+def _shut_down(
+    nodes: Sequence[LocalNode],
+    base_dir: Path,
+    *,
+    watchdog: subprocess.Popen[bytes] | None = None,
+) -> None:
     """Stop all nodes in parallel and delete their directory; never raises."""
     pids: dict[LocalNode, int] = {}
     for node in nodes:
@@ -584,6 +593,60 @@ def _shut_down(nodes: Sequence[LocalNode], base_dir: Path) -> None:
     shutil.rmtree(base_dir, ignore_errors=True)
     with _ports_lock:
         _ports_in_use.difference_update(node.port for node in nodes)
+    if watchdog is not None:
+        _release_watchdog(watchdog)
+
+
+# The finalizer covers interpreter exit, but not a test run killed by SIGKILL or
+# by `timeout` (SIGTERM skips atexit). So each cluster also gets a watchdog: a
+# small process in its own session that holds the read end of a pipe from us.
+# EOF without a goodbye means we died, and it shuts the cluster down.
+_WATCHDOG_GOODBYE = b"stopped cleanly"
+_WATCHDOG_SCRIPT = """\
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("_picopool_cluster_watchdog", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+module._watch(sys.argv[2])
+"""
+
+
+def _start_watchdog(base_dir: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        # -I: neither the caller's cwd nor PYTHONPATH can shadow a stdlib module.
+        [sys.executable, "-I", "-c", _WATCHDOG_SCRIPT, __file__, str(base_dir)],
+        stdin=subprocess.PIPE,
+        # Not the caller's stdout: whoever reads it would wait for the watchdog too.
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd="/",
+        start_new_session=True,  # outlives Ctrl-C and `timeout` signalling our group
+    )
+
+
+def _release_watchdog(watchdog: subprocess.Popen[bytes]) -> None:
+    assert watchdog.stdin is not None
+    with contextlib.suppress(OSError):
+        watchdog.stdin.write(_WATCHDOG_GOODBYE)
+        watchdog.stdin.close()
+    try:
+        watchdog.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        watchdog.kill()
+        watchdog.wait()
+
+
+def _watch(base_dir: str) -> None:
+    """The watchdog's main: wait for the owner to go away, then clean up unless told not to."""
+    if sys.stdin.buffer.read() == _WATCHDOG_GOODBYE:
+        return
+    directory = Path(base_dir)
+    if not directory.exists():
+        return
+    data_dirs = [d for d in directory.iterdir() if (d / "PG_VERSION").exists()]
+    # Only the data dir matters for finding and stopping the servers.
+    nodes = [LocalNode(d.name, 0, d, pg_bin=Path(), log_file=Path()) for d in data_dirs]
+    _shut_down(nodes, directory)
 
 
 # -- processes ----------------------------------------------------------------------

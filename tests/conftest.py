@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
 from typing import Any
 
@@ -88,7 +89,8 @@ def pytest_collectreport(report: pytest.CollectReport) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    if _ci() and _collection_skips and exitstatus == pytest.ExitCode.OK:
+    if _ci() and _collection_skips and exitstatus in (pytest.ExitCode.OK,
+                                                     pytest.ExitCode.NO_TESTS_COLLECTED):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
@@ -136,8 +138,12 @@ def cluster_factory() -> Iterator[ClusterFactory]:
     try:
         yield start
     finally:
-        for private in started:
-            private.stop()
+        # In parallel: each stop waits for its servers to exit.
+        stoppers = [threading.Thread(target=private.stop) for private in started]
+        for thread in stoppers:
+            thread.start()
+        for thread in stoppers:
+            thread.join()
 
 
 # -- pools -------------------------------------------------------------------------

@@ -6,6 +6,8 @@ The module-scoped cluster is shared, so tests run in file order and failover com
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+import picopool.cluster
 from picopool.cluster import ClusterError, LocalCluster, LocalNode, find_pg_bin
 
 pytestmark = pytest.mark.integration
@@ -204,3 +207,27 @@ def test_unreachable_base_dir_is_reported() -> None:
         with pytest.raises(ClusterError, match="cannot enter"):
             LocalCluster(replicas=0, base_dir=base_dir).start()
         assert list(base_dir.iterdir()) == []
+
+
+def test_watchdog_cleans_up_after_owner_is_killed() -> None:
+    owner_script = (
+        "import sys\n"
+        "from picopool.cluster import LocalCluster\n"
+        "cluster = LocalCluster(replicas=1).start()\n"
+        "print(cluster.base_dir, *(node.pid for node in cluster.nodes), flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    repo_root = Path(picopool.cluster.__file__).parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo_root)}
+    with subprocess.Popen(
+        [sys.executable, "-c", owner_script],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=env,
+        text=True,
+    ) as owner:
+        assert owner.stdout is not None
+        base_dir, *pids = owner.stdout.readline().split()
+        owner.kill()  # no atexit, no finalizer: only the watchdog can clean up
+    wait_until(lambda: not Path(base_dir).exists(), timeout=20)
+    assert len(pids) == 2 and not any(process_alive(int(pid)) for pid in pids)

@@ -8,6 +8,7 @@ from typing import Any
 
 import httpx
 import pytest
+from harness.fixtures import NoConnections
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -159,7 +160,7 @@ def test_replica_tags_and_lag(role: str, state: str, noloadbalance: object, lag:
     (instance,) = parse_cluster({"members": [member]})
     assert instance.role is Role.REPLICA
     assert instance.state == state
-    assert instance.no_load_balance == (noloadbalance in (True, "true", "yes", "on"))
+    assert instance.no_load_balance == bool(noloadbalance)  # Patroni's own reading of tags
     assert instance.lag_bytes == (None if lag == "unknown" else lag)
     assert ("nofailover", "true") in instance.attributes
     assert ("patroni_role", role) in instance.attributes
@@ -205,25 +206,6 @@ def test_mask_url() -> None:
 # -- the provider ------------------------------------------------------------------
 
 
-class NoContext:
-    """The provider never uses the pool's connections."""
-
-    seeds: tuple[Address, ...] = ()
-    current = None
-
-    async def service_connection(self) -> Any:
-        raise AssertionError("not used")
-
-    def service_address(self) -> Address | None:
-        return None
-
-    async def connection(self, address: Address) -> Any:
-        raise AssertionError("not used")
-
-    def discard(self, address: Address | None = None) -> None:
-        pass
-
-
 def closed_port() -> int:
     import socket
 
@@ -239,7 +221,7 @@ async def test_all_endpoints_failing_names_each_with_masked_password() -> None:
                        timeout=1)
     try:
         with pytest.raises(TopologyError) as raised:
-            await provider.discover(NoContext())
+            await provider.discover(NoConnections())
     finally:
         await provider.aclose()
     message = str(raised.value)
@@ -262,15 +244,31 @@ async def test_tries_the_last_good_endpoint_first() -> None:
     provider = Patroni(["http://down:8008", "http://garbage:8008", "http://up:8008"])
     provider._client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
     try:
-        found = await provider.discover(NoContext())
+        found = await provider.discover(NoConnections())
         assert asked == ["down", "garbage", "up"]
         assert {i.id for i in found.instances} == {"node1", "node2", "node3"}
         asked.clear()
-        await provider.discover(NoContext())
+        await provider.discover(NoConnections())
         assert asked == ["up"]
     finally:
         await provider.aclose()
     assert provider._client is None
+
+
+async def test_http_errors_do_not_leak_the_password() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        assert request.headers["Authorization"].startswith("Basic ")
+        return httpx.Response(503, text="no leader")
+
+    provider = Patroni(["http://admin:hunter2@db:8008"])
+    provider._client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    try:
+        with pytest.raises(TopologyError, match="503") as raised:
+            await provider.discover(NoConnections())
+    finally:
+        await provider.aclose()
+    assert "hunter2" not in str(raised.value)
+    assert "admin:***@db:8008" in str(raised.value)
 
 
 def test_configuration_errors(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -521,38 +521,36 @@ def _decoy_text(decoys: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
 
 
 @st.composite
-def _hidden(draw: st.DrawFn, decoys: st.SearchStrategy[str]) -> tuple[str, str]:
-    """``(with_comment, without)``: a comment hiding decoy text, or nothing."""
+def _comment(draw: st.DrawFn, decoys: st.SearchStrategy[str]) -> str:
+    """Nothing, or a line, block or nested comment hiding decoy text."""
+    form = draw(st.sampled_from(["none", "none", "line", "block", "nested"]))
+    if form == "none":
+        return ""
     text = draw(_decoy_text(decoys))
-    form = draw(st.sampled_from(["none", "line", "block", "nested"]))
     if form == "line":
-        comment = "--" + text.replace("\n", " ").replace("\r", " ") + "\n"
-    elif form == "block":
-        comment = "/*" + text.replace("/", " ") + "*/"
-    elif form == "nested":
-        inner = draw(_decoy_text(decoys)).replace("/", " ")
-        comment = "/* " + text.replace("/", " ") + " /* " + inner + " */ */"
-    else:
-        comment = ""
-    return comment, ""
+        return "--" + text.replace("\n", " ").replace("\r", " ") + "\n"
+    if form == "block":
+        return "/*" + text.replace("/", " ") + "*/"
+    inner = draw(_decoy_text(decoys)).replace("/", " ")
+    return "/* " + text.replace("/", " ") + " /* " + inner + " */ */"
 
 
 @st.composite
 def _literal(draw: st.DrawFn, decoys: st.SearchStrategy[str]) -> str:
     """A literal (or parameter) whose content is decoy text."""
-    text = draw(_decoy_text(decoys))
     form = draw(st.sampled_from(["plain", "escape", "dollar", "tagged", "param", "number"]))
+    if form == "param":
+        return f"${draw(st.integers(1, 20))}"
+    if form == "number":
+        return str(draw(st.integers(0, 10**6)))
+    text = draw(_decoy_text(decoys))
     if form == "plain":
         return "'" + text.replace("'", "''") + "'"
     if form == "escape":
         return "E'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
     if form == "dollar":
         return "$$" + text.replace("$", " ") + "$$"
-    if form == "tagged":
-        return "$q$" + text.replace("$", " ") + "$q$"
-    if form == "param":
-        return f"${draw(st.integers(1, 20))}"
-    return str(draw(st.integers(0, 10**6)))
+    return "$q$" + text.replace("$", " ") + "$q$"
 
 
 @st.composite
@@ -567,11 +565,9 @@ def _assemble(draw: st.DrawFn, parts: list[str],
     with_comments: list[str] = []
     without: list[str] = []
     for part in parts:
-        comment, _ = draw(_hidden(decoys))
-        with_comments += [comment, part]
+        with_comments += [draw(_comment(decoys)), part]
         without.append(part)
-    trailing, _ = draw(_hidden(decoys))
-    with_comments.append(trailing)
+    with_comments.append(draw(_comment(decoys)))
     return " ".join(with_comments), " ".join(without)
 
 
@@ -612,33 +608,41 @@ def write_statements(draw: st.DrawFn) -> tuple[str, str]:
         ["insert", "update", "delete", "lock", "cte", "nextval", "ddl", "set", "multi",
          "into", "explain"]
     ))
-    parts = {
-        "insert": ["INSERT", "INTO", "t", "(", "a", ")", "VALUES", "(", draw(value), ")"],
-        "update": ["UPDATE", "t", "SET", draw(column), "=", draw(value)],
-        "delete": ["DELETE", "FROM", "t", "WHERE", draw(column), "=", draw(value)],
-        "lock": ["SELECT", draw(value), "FROM", "t", "FOR", "NO", "KEY", "UPDATE"],
-        "cte": ["WITH", "d", "AS", "(", "DELETE", "FROM", "t", "RETURNING", draw(column),
-                ")", "SELECT", "*", "FROM", "d"],
-        "nextval": ["SELECT", "nextval", "(", draw(value), ")"],
-        "ddl": ["CREATE", "TABLE", "x", "(", draw(column), "int", ")"],
-        "set": ["SET", "search_path", "=", draw(value)],
-        "multi": ["SELECT", draw(value), ";", "SELECT", draw(value)],
-        "into": ["SELECT", draw(value), "INTO", "x", "FROM", "t"],
-        "explain": ["EXPLAIN", "ANALYZE", "UPDATE", "t", "SET", "a", "=", draw(value)],
-    }[shape]
+    if shape == "insert":
+        parts = ["INSERT", "INTO", "t", "(", "a", ")", "VALUES", "(", draw(value), ")"]
+    elif shape == "update":
+        parts = ["UPDATE", "t", "SET", draw(column), "=", draw(value)]
+    elif shape == "delete":
+        parts = ["DELETE", "FROM", "t", "WHERE", draw(column), "=", draw(value)]
+    elif shape == "lock":
+        parts = ["SELECT", draw(value), "FROM", "t", "FOR", "NO", "KEY", "UPDATE"]
+    elif shape == "cte":
+        parts = ["WITH", "d", "AS", "(", "DELETE", "FROM", "t", "RETURNING", draw(column),
+                 ")", "SELECT", "*", "FROM", "d"]
+    elif shape == "nextval":
+        parts = ["SELECT", "nextval", "(", draw(value), ")"]
+    elif shape == "ddl":
+        parts = ["CREATE", "TABLE", "x", "(", draw(column), "int", ")"]
+    elif shape == "set":
+        parts = ["SET", "search_path", "=", draw(value)]
+    elif shape == "multi":
+        parts = ["SELECT", draw(value), ";", "SELECT", draw(value)]
+    elif shape == "into":
+        parts = ["SELECT", draw(value), "INTO", "x", "FROM", "t"]
+    else:
+        parts = ["EXPLAIN", "ANALYZE", "UPDATE", "t", "SET", "a", "=", draw(value)]
     return _assemble(draw, parts, decoys)
 
 
-_FAST = settings(max_examples=300, deadline=None)
+_FAST = settings(max_examples=200, deadline=None)
 
 
 @_FAST
 @given(read_statements())
 def test_decoys_never_make_a_read_a_write(statement: tuple[str, str]) -> None:
     query, plain = statement
-    info = classify(query)
-    assert info.kind is READ, (query, info)
-    assert info.hint is None or query.lstrip().startswith("/*") or query.rstrip().endswith("*/")
+    assert classify(query).kind is READ, query
+    assert classify(plain).kind is READ, plain
 
 
 @_FAST
@@ -659,12 +663,12 @@ def test_strip_comments_removes_exactly_the_comments(statement: tuple[str, str])
     assert _same_verdict(classify(stripped), classify(query))
 
 
-_SQLISH = st.text(
-    alphabet=st.sampled_from(list("SELECTDFROMWHUPAINXeuxbn &$'\"-/*;()\\\n\r\t1_.,=:")
-                             + ["FOR UPDATE", "DELETE", "$a$", "E'", "U&", "/*", "*/", "--",
-                                "picopool: role=replica", "nextval("]),
-    max_size=60,
-)
+_SQLISH = st.lists(
+    st.sampled_from([*"SELECTDFROMWHUPAINXeuxbn &$'\"-/*;()\\\n\r\t1_.,=:",
+                     "FOR UPDATE", "DELETE", "$a$", "E'", "U&", "/*", "*/", "--",
+                     "picopool: role=replica", "nextval("]),
+    max_size=40,
+).map("".join)
 
 
 def _same_verdict(left: Classification, right: Classification) -> bool:
@@ -680,7 +684,7 @@ def test_never_raises_on_arbitrary_text(text: str) -> None:
     assert info.kind in (READ, WRITE)
     assert is_write(text, frozenset({"f"})) in (True, False)
     hint = parse_hint(text)
-    assert hint is None or hint.role in VALID_ROLES | {None}
+    assert hint is None or hint.role is None or hint.role in VALID_ROLES
     strip_hint(text)
     stripped = strip_comments(text)
     assert _same_verdict(_sql._classify_uncached(stripped), info), (text, stripped)
@@ -703,7 +707,7 @@ _WHITESPACE = st.sampled_from(["", " ", "\n", "\t ", " \r\n "])
 def test_hints_round_trip(hint: RoutingHint, statement: tuple[str, str], at_start: bool,
                           outer: str, inner: str) -> None:
     base = statement[0].strip(" \t\n\r\f\v")
-    if parse_hint(base) is not None:  # a generated comment that happens to be a hint
+    if _sql._hint_comments(base):  # a generated comment that happens to look like one
         return
     comment = hint.to_comment()
     # A newline ends a line comment the statement may end with.
@@ -714,17 +718,7 @@ def test_hints_round_trip(hint: RoutingHint, statement: tuple[str, str], at_star
     assert _same_verdict(info, classify(base))
     assert strip_hint(hinted) == base
     assert parse_hint(strip_hint(hinted)) is None
-
-
-@_FAST
-@given(_HINTS, read_statements())
-def test_hints_in_the_middle_are_ignored(hint: RoutingHint,
-                                         statement: tuple[str, str]) -> None:
-    query, _ = statement
-    words = query.split(" ", 1)
-    if len(words) < 2 or not words[1].strip():
-        return
-    middle = f"{words[0]} {hint.to_comment()} {words[1]}"
-    if middle.rstrip().endswith("*/") or middle.lstrip().startswith("/*"):
-        return  # the statement's own comments put the hint next to an end
-    assert parse_hint(middle) is None
+    # The same comment anywhere but the very start or end is no hint.
+    head, _, tail = base.partition(" ")
+    if head and tail.strip():
+        assert parse_hint(f"{head} {comment} {tail}") is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -35,7 +36,8 @@ def pick_counts(strategy: BalanceStrategy, pool: Sequence[Candidate], picks: int
     return Counter(strategy.pick(pool).instance.id for _ in range(picks))
 
 
-ALL_STRATEGIES: list[Callable[[], BalanceStrategy]] = [RoundRobin, lambda: Random(seed=7), Weighted, LeastConnections]
+ALL_STRATEGIES: list[Callable[[], BalanceStrategy]] = [
+    RoundRobin, lambda: Random(seed=7), Weighted, LeastConnections]
 
 
 @pytest.mark.parametrize("make", ALL_STRATEGIES)
@@ -92,7 +94,7 @@ def test_random_does_not_repeat_systematically(seed: int, n: int) -> None:
     pool = candidates(n)
     strategy = Random(seed=seed)
     sequence = [strategy.pick(pool).instance.id for _ in range(3000)]
-    repeats = sum(a == b for a, b in zip(sequence, sequence[1:], strict=False)) / (len(sequence) - 1)
+    repeats = sum(a == b for a, b in itertools.pairwise(sequence)) / (len(sequence) - 1)
     # Independent picks repeat the previous one with probability 1/n.
     assert abs(repeats - 1 / n) < 0.06, repeats
 

@@ -164,7 +164,7 @@ def test_parse_of_address_like_text_raises_only_value_error(text: str) -> None:
 # -- seed_addresses ----------------------------------------------------------------
 
 
-def A(host: str, port: int = 5432) -> Address:  # noqa: N802 - reads like a constructor
+def A(host: str, port: int = 5432) -> Address:
     return Address(host, port)
 
 
@@ -341,8 +341,8 @@ def test_mask_dsn_hides_quoted_key_value_passwords(password: str) -> None:
     assert mask_dsn(template.format(_kv_quote(password))) == expected
 
 
-@given(st.text(alphabet=st.characters(blacklist_categories=["Z", "C"],
-                                      blacklist_characters="'\\"), min_size=3, max_size=30))
+@given(st.text(alphabet=st.characters(exclude_categories=["Z", "C"],
+                                      exclude_characters="'\\"), min_size=3, max_size=30))
 def test_mask_dsn_hides_bare_key_value_passwords(password: str) -> None:
     template = "host=h1 password={} user=u"
     expected = template.format("***")

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -65,14 +66,17 @@ def parse_nodes(nodes: object, primary_id: object = None) -> tuple[Instance, ...
     """
     if not isinstance(nodes, list | tuple):
         raise TopologyError(f"pg_auto_failover nodes are not a list: {_clip(nodes)}")
-    parsed = [row for row in (_parse_row(node) for node in nodes) if row is not None]
-    unique: dict[str, _Node] = {}
-    for node in parsed:
-        if node.name in unique or any(n.node_id == node.node_id for n in unique.values()):
+    unique: dict[str, _Node] = {}  # by name, which becomes the instance id
+    seen_ids: set[int] = set()
+    for node in (_parse_row(row) for row in nodes):
+        if node is None:
+            continue
+        if node.name in unique or node.node_id in seen_ids:
             logger.warning("pg_auto_failover: skipping duplicate node %s (id %s)",
                            node.name, node.node_id)
             continue
         unique[node.name] = node
+        seen_ids.add(node.node_id)
     writable = [n for n in unique.values() if n.goal_state in WRITABLE_STATES]
     named = next((n for n in writable if _same_id(n.node_id, primary_id)), None)
     if named is not None:
@@ -101,20 +105,17 @@ def parse_nodes(nodes: object, primary_id: object = None) -> tuple[Instance, ...
     return tuple(instances)
 
 
+@dataclass(frozen=True, slots=True)
 class _Node:
     """A validated row of ``pgautofailover.node``."""
 
-    __slots__ = ("address", "goal_state", "health", "lsn", "name", "node_id", "reported_state")
-
-    def __init__(self, node_id: int, name: str, address: Address, reported_state: str,
-                 goal_state: str, health: int | None, lsn: int | None) -> None:
-        self.node_id = node_id
-        self.name = name
-        self.address = address
-        self.reported_state = reported_state
-        self.goal_state = goal_state
-        self.health = health
-        self.lsn = lsn
+    node_id: int
+    name: str
+    address: Address
+    reported_state: str
+    goal_state: str
+    health: int | None
+    lsn: int | None
 
     def instance(self, role: Role, lag_bytes: int | None) -> Instance:
         return Instance(

@@ -24,20 +24,19 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("picopool.discovery")
 
-__all__ = ["Patroni", "parse_cluster"]
+__all__ = ["ClientCert", "Patroni", "mask_url", "parse_cluster"]
 
 ClientCert = str | tuple[str, str] | tuple[str, str, str]
 """A PEM file holding certificate and key, or (certfile, keyfile[, password])."""
 
 # Roles in /cluster. A leader may be listed before its promotion has finished;
 # it is reported as primary anyway and the pool copes with 25006 (read-only) errors.
-_LEADER_ROLES = frozenset({"leader", "master", "primary"})  # "master": Patroni < 3
+_LEADER_ROLES = frozenset({"leader", "master"})  # "master": very old Patroni
 _REPLICA_ROLES = frozenset({"replica", "sync_standby", "quorum_standby"})
 # A standby cluster's leader follows a remote primary: it serves reads only.
 _STANDBY_LEADER_ROLE = "standby_leader"
 _LEADER_STATES = frozenset({"running"})
 _REPLICA_STATES = frozenset({"running", "streaming"})
-_TRUE_WORDS = frozenset({"true", "on", "yes", "y", "t", "1"})  # as Patroni's parse_bool
 _URL_PASSWORD = re.compile(r"(//[^/@:]*:)[^/@]*@")
 
 
@@ -53,17 +52,15 @@ def parse_cluster(payload: object) -> tuple[Instance, ...]:
     if not isinstance(payload, Mapping) or not isinstance(payload.get("members"), list):
         raise TopologyError(f"not a Patroni /cluster document: {_clip(payload)}")
     instances: list[Instance] = []
-    timelines: dict[str, int] = {}
-    seen: set[str] = set()
+    timelines: dict[str, int] = {}  # by member name
     for member in payload["members"]:
         parsed = _parse_member(member)
         if parsed is None:
             continue
         instance, timeline = parsed
-        if instance.id in seen:
+        if instance.id in timelines:
             logger.warning("patroni: skipping a second member named %r", instance.id)
             continue
-        seen.add(instance.id)
         instances.append(instance)
         timelines[instance.id] = timeline
     leaders = [i for i in instances if i.role is Role.PRIMARY]
@@ -111,7 +108,8 @@ def _parse_member(member: object) -> tuple[Instance, int] | None:
     if timeline_number:
         attributes.append(("timeline", str(timeline_number)))
     # nofailover/nosync only matter to Patroni's elections: kept for the curious.
-    attributes.extend((tag, "true") for tag in ("nofailover", "nosync") if _truthy(tags.get(tag)))
+    # Patroni reads these tags with bool(), so any truthy JSON value counts, as here.
+    attributes.extend((tag, "true") for tag in ("nofailover", "nosync") if tags.get(tag))
     instance = Instance(
         id=name,
         address=address,
@@ -119,7 +117,7 @@ def _parse_member(member: object) -> tuple[Instance, int] | None:
         name=name,
         state=state,
         lag_bytes=_lag(member.get("lag")) if role is Role.REPLICA else None,
-        no_load_balance=_truthy(tags.get("noloadbalance")),
+        no_load_balance=bool(tags.get("noloadbalance")),
         attributes=tuple(attributes),
     )
     return instance, timeline_number
@@ -148,16 +146,6 @@ def _count(value: object) -> int | None:
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
     return None
-
-
-def _truthy(value: object) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int | float):
-        return value != 0
-    if isinstance(value, str):
-        return value.strip().lower() in _TRUE_WORDS
-    return False
 
 
 def _clip(value: object, limit: int = 120) -> str:
@@ -265,8 +253,10 @@ class Patroni(DiscoveryProvider):
                 response.raise_for_status()
                 instances = parse_cluster(response.json())
             except Exception as exc:  # any failure of one endpoint: try the next
-                errors.append(f"{mask_url(url)}: {describe_error(exc)}")
-                logger.debug("patroni: %s failed: %s", mask_url(url), describe_error(exc))
+                # httpx quotes the URL, credentials included, in its messages.
+                error = f"{mask_url(url)}: {mask_url(describe_error(exc))}"
+                errors.append(error)
+                logger.debug("patroni: %s", error)
                 continue
             self._preferred = index
             return Discovered(instances)

@@ -211,22 +211,74 @@ def postmaster_pid(data_dir: Path) -> int | None:
     return pid if is_ours and is_alive(pid) else None
 
 
-def kill_postmaster(data_dir: Path, sig: int = signal.SIGKILL, timeout: float = 10) -> None:
-    """Signal the postmaster of *data_dir*; with SIGKILL also its children, then wait."""
+def postmaster_family(data_dir: Path) -> list[int]:
+    """The postmaster of *data_dir* and its children, or [] if it is not running.
+
+    Collect them before killing anything: once the postmaster dies its children
+    are reparented to init and no longer traceable through it.
+    """
     pid = postmaster_pid(data_dir)
-    if pid is None:
-        return
-    # Backends are process-group leaders of their own, so killpg would miss them;
-    # orphans would keep the shared memory busy and block a restart.
-    children = child_pids(pid) if sig == signal.SIGKILL else []
-    send_signal(pid, sig)
-    for child in children:
-        send_signal(child, signal.SIGKILL)
-    if not wait_gone([pid, *children], timeout):
-        raise HarnessError(f"postmaster {pid} of {data_dir} survived signal {sig}")
-    if sig == signal.SIGKILL:
-        # Verifiably dead, so the lock file is stale; a reused PID must not block a restart.
-        (data_dir / "postmaster.pid").unlink(missing_ok=True)
+    return [] if pid is None else [pid, *child_pids(pid)]
+
+
+def kill_server(data_dir: Path, supervisor: subprocess.Popen[bytes] | None = None,
+                timeout: float = 10) -> None:
+    """kill -9 a node as in a crash: its supervisor (Patroni, pg_autoctl) and its postmaster.
+
+    The supervisor goes first so it cannot restart postgres. The postmaster is
+    not reached through it: Patroni's is reparented to init, and pg_autoctl's
+    may die with the supervisor's session while its children live on. So the
+    postmaster (read from postmaster.pid, checked in /proc) and its children
+    are collected first, and any process still working in the data directory
+    is killed last.
+    """
+    family = postmaster_family(data_dir)
+    if supervisor is not None:
+        kill_session(supervisor, signal.SIGKILL, timeout)
+    for pid in family:
+        send_signal(pid, signal.SIGKILL)
+    if not wait_gone(family, timeout):
+        raise HarnessError(f"postmaster of {data_dir} survived SIGKILL")
+    kill_processes_under(data_dir, timeout)
+    # Everything is verifiably dead, so the lock file is stale: a reused PID must
+    # not block a restart.
+    (data_dir / "postmaster.pid").unlink(missing_ok=True)
+
+
+def processes_under(directory: Path) -> list[int]:
+    """Processes whose working directory is *directory* or below it.
+
+    Every postgres process works in its data directory and the harness starts
+    its servers in the cluster's own temp dir, so this finds exactly what a
+    cluster left behind, whatever its parent or session.
+    """
+    prefix = os.fsencode(str(directory))
+    found = []
+    for cwd_link in Path("/proc").glob("[0-9]*/cwd"):
+        try:
+            cwd = os.readlink(cwd_link)
+        except OSError:
+            continue  # exited, or not ours to read
+        cwd_bytes = os.fsencode(cwd).removesuffix(b" (deleted)")
+        if cwd_bytes == prefix or cwd_bytes.startswith(prefix + b"/"):
+            found.append(int(cwd_link.parent.name))
+    return [pid for pid in found if pid != os.getpid()]
+
+
+def kill_processes_under(directory: Path, timeout: float = 10) -> None:
+    pids = processes_under(directory)
+    for pid in pids:
+        send_signal(pid, signal.SIGKILL)
+    if not wait_gone(pids, timeout):
+        raise HarnessError(f"processes under {directory} survived SIGKILL: {pids}")
+
+
+def immediate_shutdown(data_dirs: Iterable[Path], timeout: float = 5) -> None:
+    """SIGQUIT every running postmaster (it ends its children) and wait for them."""
+    pids = [pid for pid in (postmaster_pid(d) for d in data_dirs) if pid is not None]
+    for pid in pids:
+        send_signal(pid, signal.SIGQUIT)
+    wait_gone(pids, timeout)
 
 
 def kill_session(process: subprocess.Popen[bytes], sig: int = signal.SIGKILL,

@@ -35,7 +35,9 @@ from ._process import (
     HarnessError,
     HarnessUnavailable,
     free_port,
-    kill_postmaster,
+    immediate_shutdown,
+    kill_processes_under,
+    kill_server,
     kill_session,
     log_tail,
     make_owned_dir,
@@ -321,17 +323,16 @@ class AutoFailoverCluster:
         return primary
 
     def kill_node(self, name: str) -> None:
+        """kill -9 a node's keeper (with the services it forked) and its postmaster."""
         node = self.node(name)
-        if node.process is not None:
-            kill_session(node.process, signal.SIGKILL)  # first, so it restarts nothing
-        kill_postmaster(node.pgdata, signal.SIGKILL)
+        kill_server(node.pgdata, node.process)
 
     def restart_node(self, name: str, timeout: float = 90) -> None:
         """Run a killed node's keeper again; return once it is a healthy secondary."""
         node = self.node(name)
         if node.is_running():
             return
-        kill_postmaster(node.pgdata, signal.SIGKILL)  # a leftover would confuse the keeper
+        kill_server(node.pgdata)  # a leftover postmaster would confuse the keeper
         self._spawn(node, ["run", "--pgdata", node.pgdata])
         self._wait_states({name: frozenset({"secondary"})}, timeout)
         self.wait_healthy(timeout)
@@ -376,14 +377,13 @@ class AutoFailoverCluster:
 def _shut_down(processes: list[subprocess.Popen[bytes]], data_dirs: list[Path],
                ports: list[int], base_dir: Path) -> None:
     """Kill the keepers (so nothing restarts postgres), then every postmaster; never raises."""
-    for process in processes:
-        with contextlib.suppress(Exception):
+    with contextlib.suppress(Exception):
+        for process in processes:
             kill_session(process, signal.SIGKILL)
-    for data_dir in data_dirs:
-        with contextlib.suppress(Exception):
-            kill_postmaster(data_dir, signal.SIGQUIT, timeout=5)  # immediate shutdown
-        with contextlib.suppress(Exception):
-            kill_postmaster(data_dir, signal.SIGKILL)
+        immediate_shutdown(data_dirs)  # SIGQUIT: each postmaster ends its backends
+    with contextlib.suppress(Exception):
+        # A postmaster that died with its keeper's session leaves children behind.
+        kill_processes_under(base_dir)
     shutil.rmtree(base_dir, ignore_errors=True)
     release_ports(ports)
     processes.clear()

@@ -17,13 +17,17 @@ A missing program raises :class:`~harness._process.HarnessUnavailable` from
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
+
+from picopool import Address, Topology
 
 from .autofailover import AutoFailoverCluster
 from .patroni import PatroniCluster
 
 __all__ = [
+    "NoConnections",
     "autofailover_cluster",
     "autofailover_healthy",
     "patroni_cluster",
@@ -65,3 +69,25 @@ def autofailover_healthy(autofailover_cluster: AutoFailoverCluster) -> AutoFailo
     """The shared pg_auto_failover cluster after any node a previous test killed is back."""
     autofailover_cluster.ensure_healthy()
     return autofailover_cluster
+
+
+class NoConnections:
+    """A DiscoveryContext for calling a provider directly: it lends no connections.
+
+    Patroni and AutoFailover never use the pool's connections, so they run on it.
+    """
+
+    seeds: tuple[Address, ...] = ()
+    current: Topology | None = None
+
+    async def service_connection(self) -> Any:
+        raise AssertionError("this provider should not use the service connection")
+
+    def service_address(self) -> Address | None:
+        return None
+
+    async def connection(self, address: Address) -> Any:
+        raise AssertionError("this provider should not probe instances")
+
+    def discard(self, address: Address | None = None) -> None:
+        pass

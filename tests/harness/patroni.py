@@ -41,7 +41,9 @@ from ._process import (
     HarnessUnavailable,
     free_port,
     http_json,
-    kill_postmaster,
+    immediate_shutdown,
+    kill_processes_under,
+    kill_server,
     kill_session,
     log_tail,
     make_owned_dir,
@@ -50,6 +52,7 @@ from ._process import (
     psql,
     release_ports,
     require_executable,
+    run,
     server_env,
     spawn,
     wait_for,
@@ -147,6 +150,11 @@ class PatroniCluster:
         bin_dir = pg_bin()
         etcd = require_executable("etcd", INSTALL_HINT)
         self._patroni_bin = require_executable(self.venv / "bin" / "patroni", INSTALL_HINT)
+        try:  # the venv must be readable by the server user, not only by root
+            run([self._patroni_bin, "--version"], env=server_env(), timeout=60)
+        except HarnessError as exc:
+            raise HarnessUnavailable(f"Patroni does not run as postgres: {exc}\n{INSTALL_HINT}"
+                                     ) from None
         started = time.monotonic()
         self.base_dir = Path(tempfile.mkdtemp(prefix="picopool-patroni-", dir=self.parent_dir))
         self._finalizer = weakref.finalize(
@@ -397,13 +405,10 @@ class PatroniCluster:
         return leader
 
     def kill_node(self, name: str) -> None:
-        """kill -9 a node's Patroni first (so it cannot restart postgres), then its postmaster."""
+        """kill -9 a node's Patroni and postmaster (and the postmaster's children)."""
         node = self.node(name)
-        if node.process is not None:
-            kill_session(node.process, signal.SIGKILL)
-        # Reparented to init, so not reached through Patroni: without this the old
-        # primary keeps taking writes (split brain).
-        kill_postmaster(node.data_dir, signal.SIGKILL)
+        # Without the postmaster kill the old primary keeps taking writes: a split brain.
+        kill_server(node.data_dir, node.process)
 
     def delete_leader_key(self) -> None:
         key = base64.b64encode(f"{NAMESPACE}{SCOPE}/leader".encode()).decode()
@@ -417,7 +422,7 @@ class PatroniCluster:
         if node.is_running():
             return
         if postmaster_pid(node.data_dir) is not None:
-            kill_postmaster(node.data_dir, signal.SIGKILL)
+            kill_server(node.data_dir)  # a postmaster without its Patroni
         self._start_node(node)
 
         def streaming() -> bool:
@@ -440,18 +445,14 @@ class PatroniCluster:
 def _shut_down(etcds: list[subprocess.Popen[bytes]], patronis: list[subprocess.Popen[bytes]],
                data_dirs: list[Path], ports: list[int], base_dir: Path) -> None:
     """Kill Patroni (so nothing restarts postgres), the postmasters, then etcd; never raises."""
-    for process in patronis:
-        with contextlib.suppress(Exception):
+    with contextlib.suppress(Exception):
+        for process in patronis:
             kill_session(process, signal.SIGKILL)
-    for data_dir in data_dirs:
-        # Immediate shutdown ends every backend; SIGKILL only if that hangs.
-        with contextlib.suppress(Exception):
-            kill_postmaster(data_dir, signal.SIGQUIT, timeout=5)
-        with contextlib.suppress(Exception):
-            kill_postmaster(data_dir, signal.SIGKILL)
-    for process in etcds:
-        with contextlib.suppress(Exception):
-            kill_session(process, signal.SIGTERM, timeout=5)
+        immediate_shutdown(data_dirs)  # SIGQUIT: each postmaster ends its backends
+        for process in etcds:
+            kill_session(process, signal.SIGKILL)
+    with contextlib.suppress(Exception):
+        kill_processes_under(base_dir)  # whatever outlived its parent
     shutil.rmtree(base_dir, ignore_errors=True)
     release_ports(ports)
     etcds.clear()
