@@ -36,12 +36,8 @@ __all__ = [
     "mask_dsn",
 ]
 
+# Show the public path in reprs and docs, not the private module.
 for _name in __all__:
-    _obj = globals()[_name]
-    if hasattr(_obj, "__module__"):
-        try:
-            _obj.__module__ = __name__
-        except (AttributeError, TypeError):
-            pass
+    globals()[_name].__module__ = __name__
 
 __version__ = "0.1.0"

@@ -108,7 +108,10 @@ def seed_addresses(dsn: str | None, connect_kwargs: Mapping[str, Any]) -> list[A
         )
         if len(ports) != len(hosts):
             raise ConfigurationError("host and port lists differ in length")
-        return [Address.parse(str(h), default_port=int(p or DEFAULT_PORT)) for h, p in zip(hosts, ports, strict=True)]
+        return [
+            Address.parse(str(h), default_port=int(p or DEFAULT_PORT))
+            for h, p in zip(hosts, ports, strict=True)
+        ]
     addresses: list[Address] = []
     if dsn:
         if dsn.lower().startswith(_URL_PREFIXES):

@@ -88,6 +88,8 @@ def format_lsn(position: int) -> str:
 
 
 _TOKEN_PREFIX = "pp1:"
+# Error-triggered refreshes come no closer together than this.
+_MIN_REFRESH_GAP = 0.05
 
 # Seconds behind: zero when everything received is replayed (an idle primary is
 # not lag), else the age of the last replayed transaction.
@@ -496,9 +498,8 @@ class Pool:
         failures = 0
         while not self._closing:
             delay = self._refresh_interval
-            if failures:
-                base = self._refresh_interval or 1.0
-                delay = min(30.0, base * 2 ** min(failures, 6)) * random.uniform(0.5, 1.0)
+            if failures and delay is not None:
+                delay = min(30.0, delay * 2 ** min(failures, 6)) * random.uniform(0.5, 1.0)
             try:
                 async with asyncio.timeout(delay):
                     await self._wakeup.wait()
@@ -516,6 +517,10 @@ class Pool:
                 failures += 1
                 logger.warning("topology refresh failed (keeping the last good topology): %s",
                                describe_error(exc))
+                # Back off even if errors keep asking for refreshes: discovery is down.
+                await asyncio.sleep(min(5.0, 0.1 * 2 ** min(failures, 6)) * random.uniform(0.5, 1))
+            else:
+                await asyncio.sleep(_MIN_REFRESH_GAP)
             interval = self._health_check_interval
             if interval is not None and time.monotonic() - self._last_health_check >= interval:
                 self._last_health_check = time.monotonic()
@@ -746,10 +751,12 @@ class Pool:
             )
         member.served += 1
         scope = _causal_scope.get()
-        if (scope is not None or self._read_your_writes) and member.instance.role.writable \
-                and not connection.is_closed() and not self._symmetric:
-            await self._record_write_position(connection, scope)
-        await member.pool.release(connection, timeout=timeout)
+        try:
+            if (scope is not None or self._read_your_writes) and member.instance.role.writable \
+                    and not connection.is_closed() and not self._symmetric:
+                await self._record_write_position(connection, scope)
+        finally:
+            await member.pool.release(connection, timeout=timeout)
 
     async def _run(self, method: str, query: str, positional: tuple[Any, ...],
                    kwargs: dict[str, Any], role: str | None,
@@ -771,6 +778,9 @@ class Pool:
                     decision.request, None, instance=decision.instance)
             try:
                 result = await getattr(connection, method)(decision.query, *positional, **kwargs)
+                if decision.is_write and (scope is not None or self._read_your_writes) \
+                        and member.instance.role.writable and not self._symmetric:
+                    await self._record_write_position(connection, scope)
             except (Exception, asyncio.CancelledError) as exc:
                 await self._release_quietly(member, connection)
                 if isinstance(exc, asyncio.CancelledError) or self._closing:
@@ -782,12 +792,14 @@ class Pool:
                 await asyncio.sleep(min(1.0, 0.05 * 2 ** attempt) * random.uniform(0.5, 1.5))
                 continue
             member.served += 1
-            if decision.is_write and (scope is not None or self._read_your_writes) \
-                    and member.instance.role.writable and not self._symmetric:
-                await self._record_write_position(connection, scope)
+            raw = connection._con
             if decision.elide_reset:
-                self._skip_reset.add(connection._con)
-            await member.pool.release(connection)
+                self._skip_reset.add(raw)
+            try:
+                await member.pool.release(connection)
+            finally:
+                # Released without a reset (expired, or closed): don't keep the mark.
+                self._skip_reset.discard(raw)
             return result
 
     async def _release_quietly(self, member: Member, connection: Any) -> None:
