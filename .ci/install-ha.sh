@@ -73,11 +73,16 @@ if ! "${PATRONI_VENV}/bin/patroni" --version >/dev/null 2>&1 \
     || ! "${PATRONI_VENV}/bin/python" -c "import patroni.dcs.etcd3, psycopg" >/dev/null 2>&1; then
     log "building the Patroni venv at ${PATRONI_VENV}"
     rm -rf "$PATRONI_VENV"
-    mkdir -p "$(dirname "$PATRONI_VENV")"
+    mkdir -p -m 755 "$(dirname "$PATRONI_VENV")"
     /usr/bin/python3 -m venv "$PATRONI_VENV"
     "${PATRONI_VENV}/bin/pip" install -q --disable-pip-version-check "${PATRONI_REQUIREMENTS[@]}"
 fi
-# Readable and executable by the postgres user, whatever umask root had.
-chmod -R a+rX "$(dirname "$PATRONI_VENV")"
+# Readable and executable by the postgres user, whatever umask root had; and
+# check it really is (a parent directory might not let that user through).
+chmod -R a+rX "$PATRONI_VENV"
+if ! runuser -u postgres -- "${PATRONI_VENV}/bin/patroni" --version >/dev/null 2>&1; then
+    log "the postgres user cannot run ${PATRONI_VENV}/bin/patroni: make its parent directories world-searchable"
+    exit 1
+fi
 
 log "ready: etcd $(/usr/bin/etcd --version | head -n1 | awk '{print $3}'), $("${PATRONI_VENV}/bin/patroni" --version), $(/usr/bin/pg_autoctl version 2>/dev/null | head -n1)"

@@ -321,6 +321,8 @@ class Pool:
             member.terminate()
         self._members.clear()
         self._service.terminate()
+        if self._provider is not None:
+            self._provider.terminate()
 
     def is_closing(self) -> bool:
         return self._closing

@@ -112,42 +112,46 @@ _PG_WHITESPACE = " \t\n\r\f\v"
 # PostgreSQL treats every byte >= 0x80 as an identifier character, so any non-ASCII
 # character is one too.
 _IDENT_START = "A-Za-z_\\x80-\\U0010ffff"
-_IDENT = f"[{_IDENT_START}][{_IDENT_START}0-9$]*"
+_IDENT_CONTINUE = f"[{_IDENT_START}0-9$]*"
 _DOLLAR_TAG = f"[{_IDENT_START}][{_IDENT_START}0-9]*"
 
-# A block comment with no nested "/*"; nested ones are measured by _nested_comment_end.
-_FLAT_BLOCK_COMMENT = r"/\*[^*/]*(?:(?:\*(?!/)|/(?!\*))[^*/]*)*\*/"
 
-# One token or comment.  Alternatives are tried in order, the common ones first; a
-# match with no group set is a comment.  `error` is the opening of a string, quoted
-# name, dollar quote or comment that does not close (or a nested comment, which takes
-# the exact slow path); it takes the rest of the text, so it is always the last match.
-_TOKEN = (
-    # a word, unless it is the prefix of E'..', B'..', X'..', N'..', U&'..' or U&".."
-    f"(?P<token>(?![bBeEnNxX]'|[uU]&['\"]){_IDENT}"
-    # punctuation, operators (never eating the start of a comment), numbers, $1
-    r"|[(),;.\[\]]|(?:[~!@#^&|`?+*%<>=:]|-(?!-)|/(?!\*))+"
-    r"|\d+(?:\.\d*)?(?:[eE][+-]?\d+)?|\$\d+"
-    '|"[^"]*(?:""[^"]*)*")'  # a quoted name
-    "|(?P<literal>'[^']*(?:''[^']*)*'"
-    r"|[eE]'[^'\\]*(?:(?:\\.|'')[^'\\]*)*'"  # backslash escapes
-    "|(?:[uU]&|[bBxXnN])'[^']*(?:''[^']*)*'"
-    f"|\\$(?P<tag>(?:{_DOLLAR_TAG})?)\\$.*?\\$(?P=tag)\\$)"
-    '|[uU]&(?P<unicode_quoted>"[^"]*(?:""[^"]*)*")'
-    r"|--[^\n\r]*"
-    f"|{_FLAT_BLOCK_COMMENT}"
-    f"|(?P<error>(?:[eEbBxXnN]?'|[uU]&['\"]|\"|/\\*|\\$(?:{_DOLLAR_TAG})?\\$).*)"
+def _token_pattern(dollar_quote: str) -> str:
+    """One token or comment.  Alternatives are tried in order, the common ones first.
+    Groups: `token` (words, punctuation, operators, numbers, $1, quoted names),
+    `literal` (strings), `error` (the opening of anything that does not close, which
+    takes the rest of the text, so it is always the last match); a match with no
+    group is a comment."""
+    return (
+        # A word: the first-character split keeps E'..', B'..', X'..', N'..', U&'..'
+        # and U&".." for the literal alternatives below, without a costly lookahead.
+        "(?P<token>(?:[ac-df-mo-tv-wy-zAC-DF-MO-TV-WY-Z_\\x80-\\U0010ffff]"
+        f"|[bBeEnNxX](?!')|[uU](?!&['\"])){_IDENT_CONTINUE}"
+        # punctuation, operators (never eating the start of a comment), numbers, $1
+        r"|[(),;.\[\]]|(?:[~!@#^&|`?+*%<>=:]|-(?!-)|/(?!\*))+"
+        r"|\d+(?:\.\d*)?(?:[eE][+-]?\d+)?|\$\d+"
+        '|(?:[uU]&)?"[^"]*(?:""[^"]*)*")'  # a quoted name
+        "|(?P<literal>'[^']*(?:''[^']*)*'"
+        r"|[eE]'[^'\\]*(?:(?:\\.|'')[^'\\]*)*'"  # backslash escapes
+        "|(?:[uU]&|[bBxXnN])'[^']*(?:''[^']*)*'"
+        f"|{dollar_quote})"
+        r"|--[^\n\r]*"
+        # a block comment with no nested "/*" (nested ones: _nested_comment_end)
+        r"|/\*[^*/]*(?:(?:\*(?!/)|/(?!\*))[^*/]*)*\*/"
+        f"|(?P<error>(?:[eEbBxXnN]?'|[uU]&['\"]|\"|/\\*|\\$(?:{_DOLLAR_TAG})?\\$).*)"
+    )
+
+
+# The fast lexer knows only $$..$$: a tagged $tag$..$tag$ (case-sensitive, so it
+# must not be lowercased first) or a nested comment is an `error` that sends the text
+# to the exact lexer.  Each match also eats the whitespace after it.
+_UNTAGGED_DOLLAR_QUOTE = r"\$\$.*?\$\$"
+_DOLLAR_QUOTE = f"\\$(?P<tag>(?:{_DOLLAR_TAG})?)\\$.*?\\$(?P=tag)\\$"
+_FAST_TOKEN_RE = re.compile(
+    f"(?s)(?:{_token_pattern(_UNTAGGED_DOLLAR_QUOTE)})[{_PG_WHITESPACE}]*"
 )
-# For lexing: each match also eats the whitespace after it.
-_TOKEN_RE = re.compile(f"(?s)(?:{_TOKEN})[{_PG_WHITESPACE}]*")
-# For exact spans of tokens and comments.
-_SPAN_RE = re.compile(f"(?s){_TOKEN}")
+_EXACT_TOKEN_RE = re.compile(f"(?s){_token_pattern(_DOLLAR_QUOTE)}")
 _NESTING_RE = re.compile(r"/\*|\*/")
-# Dollar-quote tags are case-sensitive, so text holding one that lowercasing would
-# change cannot be lowercased before lexing.
-_CASED_DOLLAR_TAG_RE = re.compile(
-    f"\\$[{_IDENT_START}0-9]*[^\\W\\da-z_][{_IDENT_START}0-9]*\\$"
-)
 
 
 class _Unparseable(Exception):
@@ -158,40 +162,44 @@ def _lex(query: str) -> list[str]:
     """Significant tokens of *query*: words lowercased, punctuation, operators and
     numbers as written, quoted names as ``"name"``, every string literal as ``''``;
     comments dropped."""
-    lowercase_first = not ("$" in query and _CASED_DOLLAR_TAG_RE.search(query))
-    matches = _TOKEN_RE.findall(query.lower() if lowercase_first else query)
+    matches = _FAST_TOKEN_RE.findall(query.lower())
     if matches and matches[-1][-1]:
-        if matches[-1][-1].startswith("/*"):  # a nested comment, or an unclosed one
-            text, complete = _remove_comments(query)
-            if complete:
-                return _lex(text)
-        raise _Unparseable
+        return _lex_exactly(query)
     if "--" in query or "/*" in query:
-        tokens = [
-            token or quoted or "''"
-            for token, literal, _, quoted, _ in matches
-            if token or literal or quoted  # not a comment
-        ]
-    else:
-        tokens = [token or quoted or "''" for token, _, _, quoted, _ in matches]
-    return tokens if lowercase_first else [token.lower() for token in tokens]
+        return [token or "''" for token, literal, _ in matches if token or literal]
+    return [token or "''" for token, _, _ in matches]
 
 
-_COMMENT, _ERROR, _OTHER = 0, 1, 2
+_COMMENT, _ERROR, _TOKEN, _LITERAL = 0, 1, 2, 3
+
+
+def _lex_exactly(query: str) -> list[str]:
+    """What _lex returns, for texts with tagged dollar quotes or nested comments."""
+    tokens: list[str] = []
+    for kind, start, end in _spans(query):
+        if kind == _TOKEN:
+            tokens.append(query[start:end].lower())
+        elif kind == _LITERAL:
+            tokens.append("''")
+        elif kind == _ERROR:
+            raise _Unparseable
+    return tokens
 
 
 def _spans(query: str) -> Iterator[tuple[int, int, int]]:
-    """Exact ``(kind, start, end)`` spans of comments and tokens; an _ERROR span runs
+    """Exact ``(kind, start, end)`` of every token and comment; an _ERROR span runs
     from an unterminated construct to the end of the text and is always last."""
     pos = 0
     while True:
-        for match in _SPAN_RE.finditer(query, pos):
+        for match in _EXACT_TOKEN_RE.finditer(query, pos):
             start, end = match.span()
             group = match.lastgroup
-            if group is None:
+            if group == "token":
+                yield _TOKEN, start, end
+            elif group is None:
                 yield _COMMENT, start, end
-            elif group != "error":
-                yield _OTHER, start, end
+            elif group == "literal":
+                yield _LITERAL, start, end
             elif query.startswith("/*", start) and (end := _nested_comment_end(query, start)):
                 yield _COMMENT, start, end
                 pos = end
@@ -398,8 +406,8 @@ def _is_name(token: str) -> bool:
 
 
 def _function_name(token: str) -> str:
-    if token[0] == '"':
-        return token[1:-1].replace('""', '"').lower()
+    if token[0] == '"' or token.startswith('u&"'):
+        return token[token.index('"') + 1 : -1].replace('""', '"')
     return token
 
 
@@ -708,7 +716,7 @@ def _hint_comments(query: str) -> list[_HintComment]:
 def _ends_inside_a_token(prefix: str) -> bool:
     """Whether text appended to *prefix* would continue an unterminated construct
     or a line comment (so it is not a comment of its own)."""
-    last = deque(_SPAN_RE.finditer(prefix), maxlen=1)
+    last = deque(_EXACT_TOKEN_RE.finditer(prefix), maxlen=1)
     if not last:
         return False
     match = last[0]

@@ -179,3 +179,14 @@ async def make_pool() -> AsyncIterator[PoolFactory]:
 async def pool(cluster: LocalCluster, make_pool: PoolFactory) -> picopool.Pool:
     """A started pool over the shared cluster (1..2 connections per instance)."""
     return await make_pool(cluster.dsn)
+
+
+# The HA clusters (Patroni + etcd, pg_auto_failover), shared by the whole session.
+from harness.fixtures import (  # noqa: E402
+    autofailover_cluster,
+    autofailover_healthy,
+    patroni_cluster,
+    patroni_healthy,
+)
+
+__all__ = ["autofailover_cluster", "autofailover_healthy", "patroni_cluster", "patroni_healthy"]

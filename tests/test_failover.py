@@ -29,6 +29,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -142,16 +143,74 @@ def most_advanced(replicas: list[LocalNode]) -> LocalNode:
     return max(positions, key=lambda r: positions[r])
 
 
+async def first_direct_write(dsn: str, timeout: float) -> float:
+    """When a write straight to *dsn* (no pool) is first acknowledged: the cluster's own
+    availability, to tell picopool's share of the outage from the database's (e.g. a
+    commit waiting for a synchronous standby to reconnect)."""
+    deadline = time.monotonic() + timeout
+    probe_id = -(time.time_ns() // 1000)  # negative: never collides with the load's ids
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            connection = await asyncpg.connect(dsn, timeout=2)
+        except Exception as exc:
+            last_error = exc
+            await asyncio.sleep(0.01)
+            continue
+        try:
+            await connection.execute(
+                INSERT, probe_id, timeout=max(0.1, deadline - time.monotonic())
+            )
+            return time.monotonic()
+        except asyncpg.UniqueViolationError:  # an earlier attempt committed after all
+            return time.monotonic()
+        except Exception as exc:
+            last_error = exc
+        finally:
+            connection.terminate()
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"no direct write to {dsn} within {timeout} s: {last_error}")
+
+
+@dataclass
+class Timeline:
+    """Monotonic instants of one failover (see the module docstring)."""
+
+    kill: float  # the fault was started
+    visible: float  # the source of truth names the new primary
+    writable: float  # the new primary answers pg_is_in_recovery() = false
+    direct_write: float  # a write straight to the new primary was acknowledged
+    killed: float | None = None  # the old primary was verifiably dead (crash scenarios)
+
+
+async def watch_new_primary(
+    visible: Callable[[], Awaitable[T | None]],
+    dsn_of: Callable[[T], str],
+    what: str,
+    t_kill: float,
+    timeout: float = 60,
+    interval: float = 0.02,
+) -> tuple[T, Timeline]:
+    """Poll the source of truth until it names the new primary, then time when that node
+    is writable and when a direct write to it is acknowledged."""
+    t_visible, found = await poll_until(visible, timeout, what, interval)
+    dsn = dsn_of(found)
+
+    async def writable() -> bool | None:
+        return True if await is_writable(dsn) else None
+
+    t_writable, _ = await poll_until(writable, timeout, f"{what} writable", 0.01)
+    t_direct = await first_direct_write(dsn, timeout)
+    return found, Timeline(t_kill, t_visible, t_writable, t_direct)
+
+
 async def check_failover(
     scenario: str,
     *,
     provider: str,
     report: LoadReport,
     new_primary_dsn: str,
-    t_kill: float,
-    t_visible: float,
-    t_killed: float | None = None,
-    t_writable: float | None = None,
+    timeline: Timeline,
     must_lose_nothing: bool = True,
     **extra: Any,
 ) -> dict[str, Any]:
@@ -160,6 +219,7 @@ async def check_failover(
     assert acked, f"no write was acknowledged at all: {report.summary()}"
     present = await ids_present(new_primary_dsn, acked + report.unknown_ids)
     lost = sorted(set(acked) - present)
+    t_kill, t_visible, t_killed = timeline.kill, timeline.visible, timeline.killed
     after_kill = report.writes_between(t_kill, float("inf"))
     first = report.first_write_after(t_visible)
     first_after_killed = report.first_write_after(t_killed) if t_killed is not None else None
@@ -171,8 +231,11 @@ async def check_failover(
         scenario,
         provider=provider,
         kill_to_visible_s=t_visible - t_kill,
-        visible_to_writable_s=(t_writable - t_visible) if t_writable is not None else None,
+        visible_to_writable_s=timeline.writable - t_visible,
+        visible_to_direct_write_s=timeline.direct_write - t_visible,
         visible_to_first_write_s=(first.at - t_visible) if first else None,
+        # picopool's own share: its first write after the one sent straight to the node
+        first_write_after_direct_s=(first.at - timeline.direct_write) if first else None,
         killed_to_first_write_s=(
             first_after_killed.at - t_killed
             if first_after_killed is not None and t_killed is not None
@@ -226,12 +289,11 @@ def start_local(cluster_factory: ClusterFactory, **options: Any) -> LocalCluster
     return cluster
 
 
-async def kill_and_promote(cluster: LocalCluster) -> tuple[LocalNode, float, float, float]:
+async def kill_and_promote(cluster: LocalCluster) -> tuple[LocalNode, Timeline]:
     """kill -9 the primary, promote the most advanced replica, repoint the other.
 
-    Returns (new primary, time the kill started, time the old primary was
-    verifiably dead, time the new one answered ``pg_is_in_recovery() = false``),
-    the last measured by a poller running meanwhile.
+    For plain streaming the source of truth is the node itself: the new primary
+    is visible once it answers ``pg_is_in_recovery() = false`` (polled meanwhile).
     """
     old = cluster.primary
     t_kill = time.monotonic()
@@ -244,16 +306,21 @@ async def kill_and_promote(cluster: LocalCluster) -> tuple[LocalNode, float, flo
         async def promoted() -> bool | None:
             return True if await connection.fetchval("SELECT NOT pg_is_in_recovery()") else None
 
-        watcher = asyncio.ensure_future(poll_until(promoted, 60, f"{target.name} promoted", 0.01))
+        watcher = asyncio.ensure_future(
+            watch_new_primary(
+                promoted, lambda _: target.dsn, f"{target.name} promoted", t_kill, interval=0.01
+            )
+        )
         try:
             await asyncio.to_thread(cluster.failover, target)  # promote + repoint the rest
-            t_visible, _ = await watcher
+            _, timeline = await watcher
         finally:
             watcher.cancel()
             await asyncio.gather(watcher, return_exceptions=True)
     finally:
         await connection.close()
-    return target, t_kill, t_killed, t_visible
+    timeline.killed = t_killed
+    return target, timeline
 
 
 async def test_streaming_sync_failover_under_load(
@@ -266,8 +333,8 @@ async def test_streaming_sync_failover_under_load(
     try:
         await load.wait_for_write_after(load.report.started, 10, count=50)
         await asyncio.sleep(1.0)
-        new, t_kill, t_killed, t_visible = await kill_and_promote(cluster)
-        await load.wait_for_write_after(t_visible, 20, count=20)
+        new, timeline = await kill_and_promote(cluster)
+        await load.wait_for_write_after(timeline.visible, 20, count=20)
         await asyncio.sleep(1.0)
     finally:
         report = await load.stop()
@@ -276,9 +343,7 @@ async def test_streaming_sync_failover_under_load(
         provider="streaming",
         report=report,
         new_primary_dsn=new.dsn,
-        t_kill=t_kill,
-        t_killed=t_killed,
-        t_visible=t_visible,
+        timeline=timeline,
     )
     await wait_pool_primary(pool, f"{new.host}:{new.port}")
     await write_once_more(pool, new.dsn)
@@ -299,8 +364,8 @@ async def test_streaming_async_failover_reports_lost_writes(
     try:
         await load.wait_for_write_after(load.report.started, 10, count=200)
         await asyncio.sleep(1.0)
-        new, t_kill, t_killed, t_visible = await kill_and_promote(cluster)
-        await load.wait_for_write_after(t_visible, 20, count=20)
+        new, timeline = await kill_and_promote(cluster)
+        await load.wait_for_write_after(timeline.visible, 20, count=20)
         await asyncio.sleep(0.5)
     finally:
         report = await load.stop()
@@ -309,9 +374,7 @@ async def test_streaming_async_failover_reports_lost_writes(
         provider="streaming",
         report=report,
         new_primary_dsn=new.dsn,
-        t_kill=t_kill,
-        t_killed=t_killed,
-        t_visible=t_visible,
+        timeline=timeline,
         must_lose_nothing=False,
         replication="asynchronous",
         synchronous_commit=local_commit,
@@ -546,28 +609,38 @@ def patroni_leader_running(cluster: PatroniCluster, old: str) -> str | None:
 
 
 async def patroni_failover(
-    pool: picopool.Pool, cluster: PatroniCluster, scenario: str, fault: Callable[[], Any], old: str
+    pool: picopool.Pool,
+    cluster: PatroniCluster,
+    scenario: str,
+    fault: Callable[[], Any],
+    old: str,
+    *,
+    fault_kills: bool,
 ) -> tuple[str, LoadReport]:
+    fault_finished: list[float] = []
+
+    def run_fault() -> None:
+        fault()
+        fault_finished.append(time.monotonic())
+
     load = MixedLoad(pool, writers=4, readers=2, max_duration=60).start()
     fault_done: asyncio.Future[Any] | None = None
     try:
         await load.wait_for_write_after(load.report.started, 15, count=50)
         await asyncio.sleep(1.0)
         t_kill = time.monotonic()
-        fault_done = asyncio.ensure_future(asyncio.to_thread(fault))
+        fault_done = asyncio.ensure_future(asyncio.to_thread(run_fault))
 
         async def visible() -> str | None:
             return await asyncio.to_thread(patroni_leader_running, cluster, old)
 
-        t_visible, new = await poll_until(visible, 60, "a new Patroni leader")
+        new, timeline = await watch_new_primary(
+            visible, lambda name: cluster.node(name).dsn, "a new Patroni leader", t_kill
+        )
         node = cluster.node(new)
-
-        async def writable() -> bool | None:
-            return True if await is_writable(node.dsn) else None
-
-        t_writable, _ = await poll_until(writable, 60, f"{new} writable")
-        await load.wait_for_write_after(t_visible, 30, count=20)
+        await load.wait_for_write_after(timeline.visible, 30, count=20)
         await fault_done
+        timeline.killed = fault_finished[0] if fault_kills else None
         await asyncio.sleep(1.0)
     finally:
         report = await load.stop()
@@ -578,9 +651,7 @@ async def patroni_failover(
         provider="patroni",
         report=report,
         new_primary_dsn=node.dsn,
-        t_kill=t_kill,
-        t_visible=t_visible,
-        t_writable=t_writable,
+        timeline=timeline,
         old=old,
         new=new,
     )
@@ -598,7 +669,9 @@ async def test_patroni_kill_leader(patroni: PatroniCluster, make_pool: PoolFacto
     old = patroni.leader_name()
     sync = patroni.sync_standby_name()
     assert old is not None and sync is not None
-    new, _ = await patroni_failover(pool, patroni, "patroni-kill-leader", patroni.kill_leader, old)
+    new, _ = await patroni_failover(
+        pool, patroni, "patroni-kill-leader", patroni.kill_leader, old, fault_kills=True
+    )
     assert new == sync, "synchronous_mode must promote the sync standby"
     started = time.monotonic()
     await asyncio.to_thread(patroni.restart_node, old)
@@ -615,7 +688,9 @@ async def test_patroni_switchover(patroni: PatroniCluster, make_pool: PoolFactor
     old = patroni.leader_name()
     sync = patroni.sync_standby_name()
     assert old is not None and sync is not None
-    new, _ = await patroni_failover(pool, patroni, "patroni-switchover", patroni.switchover, old)
+    new, _ = await patroni_failover(
+        pool, patroni, "patroni-switchover", patroni.switchover, old, fault_kills=False
+    )
     assert new == sync
 
 
@@ -650,19 +725,22 @@ async def test_autofailover_kill_primary(
         await asyncio.sleep(1.0)
         t_kill = time.monotonic()
         await asyncio.to_thread(cluster.kill_primary)
+        t_killed = time.monotonic()
 
         async def visible() -> str | None:
             name = await asyncio.to_thread(cluster.primary_name)
             return name if name is not None and name != old.name else None
 
-        t_visible, new_name = await poll_until(visible, 60, "a new pg_auto_failover primary", 0.05)
+        new_name, timeline = await watch_new_primary(
+            visible,
+            lambda name: cluster.node(name).dsn,
+            "a new pg_auto_failover primary",
+            t_kill,
+            interval=0.05,
+        )
+        timeline.killed = t_killed
         new = cluster.node(new_name)
-
-        async def writable() -> bool | None:
-            return True if await is_writable(new.dsn) else None
-
-        t_writable, _ = await poll_until(writable, 60, f"{new_name} writable")
-        await load.wait_for_write_after(t_visible, 30, count=20)
+        await load.wait_for_write_after(timeline.visible, 30, count=20)
         await asyncio.sleep(1.0)
     finally:
         report = await load.stop()
@@ -671,9 +749,7 @@ async def test_autofailover_kill_primary(
         provider="pg_auto_failover",
         report=report,
         new_primary_dsn=new.dsn,
-        t_kill=t_kill,
-        t_visible=t_visible,
-        t_writable=t_writable,
+        timeline=timeline,
         old=old.name,
         new=new_name,
         synchronous_standby_names=sync_names,

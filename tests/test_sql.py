@@ -513,7 +513,7 @@ _DECOY_READS = st.sampled_from([
     "SELECT 1", "EXPLAIN SELECT 1", "picopool: role=replica", "VALUES (1)", "TABLE t",
     "*/", "/*", "--", "'", '"', "$$", ";", "\\",
 ])
-_NOISE = st.text(st.characters(exclude_categories=("Cs",)), max_size=12)
+_NOISE = st.text(st.characters(exclude_categories=["Cs"]), max_size=12)
 
 
 def _decoy_text(decoys: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
@@ -634,7 +634,7 @@ def write_statements(draw: st.DrawFn) -> tuple[str, str]:
     return _assemble(draw, parts, decoys)
 
 
-_FAST = settings(max_examples=200, deadline=None)
+_FAST = settings(max_examples=150, deadline=None)
 
 
 @_FAST
@@ -658,7 +658,8 @@ def test_decoys_never_make_a_write_a_read(statement: tuple[str, str]) -> None:
 def test_strip_comments_removes_exactly_the_comments(statement: tuple[str, str]) -> None:
     query, plain = statement
     stripped = strip_comments(query)
-    assert not [span for span in _sql._spans(stripped) if span[0] != _sql._OTHER]
+    assert not [kind for kind, _, _ in _sql._spans(stripped)
+                if kind in (_sql._COMMENT, _sql._ERROR)]
     assert _sql._lex(stripped) == _sql._lex(plain)
     assert _same_verdict(classify(stripped), classify(query))
 
@@ -677,7 +678,7 @@ def _same_verdict(left: Classification, right: Classification) -> bool:
     )
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=400, deadline=None)
 @given(st.one_of(st.text(), _SQLISH))
 def test_never_raises_on_arbitrary_text(text: str) -> None:
     info = _sql._classify_uncached(text)

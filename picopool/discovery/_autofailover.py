@@ -254,6 +254,10 @@ class AutoFailover(DiscoveryProvider):
             logger.debug("pg_auto_failover: closing the monitor connection: %s",
                          describe_error(exc))
 
+    def terminate(self) -> None:
+        """Drop the monitor connection at once (for a pool that is terminated, not closed)."""
+        self._drop_connection()
+
     def __repr__(self) -> str:
         return (f"AutoFailover({mask_dsn(self._dsn)!r}, formation={self._formation!r}, "
                 f"group={self._group})")

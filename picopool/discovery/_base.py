@@ -71,6 +71,9 @@ class DiscoveryProvider(abc.ABC):
     async def aclose(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release anything the provider holds (HTTP clients, monitor connections)."""
 
+    def terminate(self) -> None:  # noqa: B027 - optional hook
+        """Drop anything the provider holds at once (``Pool.terminate()``)."""
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
