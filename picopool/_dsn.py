@@ -21,7 +21,7 @@ DEFAULT_PORT = 5432
 
 _URL_PREFIXES = ("postgres://", "postgresql://")
 _KV_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
-_URL_PASSWORD = re.compile(r"^(postgres(?:ql)?://[^:@/]*:)([^@/]*)(@)", re.IGNORECASE)
+_URL_PASSWORD = re.compile(r"^(\s*postgres(?:ql)?://[^:@/]*:)([^@/]*)(@)", re.IGNORECASE)
 _QUERY_PASSWORD = re.compile(r"([?&]password=)([^&]*)", re.IGNORECASE)
 
 
@@ -31,7 +31,7 @@ def mask_dsn(dsn: str | None) -> str:
         return ""
     masked = _URL_PASSWORD.sub(r"\1***\3", dsn)
     masked = _QUERY_PASSWORD.sub(r"\1***", masked)
-    if not masked.lower().startswith(_URL_PREFIXES):
+    if not masked.lstrip().lower().startswith(_URL_PREFIXES):
         masked = _KV_PASSWORD.sub(r"\1***", masked)
     return masked
 
@@ -99,6 +99,15 @@ def seed_addresses(dsn: str | None, connect_kwargs: Mapping[str, Any]) -> list[A
     Falls back to ``PGHOST``/``PGPORT`` and then ``localhost:5432``, as libpq does.
     Unix-socket paths are kept as hosts; asyncpg understands them.
     """
+    try:
+        return _seed_addresses(dsn.strip() if dsn else dsn, connect_kwargs)
+    except ConfigurationError:
+        raise
+    except ValueError as exc:
+        raise ConfigurationError(f"invalid host in DSN {mask_dsn(dsn)!r}: {exc}") from None
+
+
+def _seed_addresses(dsn: str | None, connect_kwargs: Mapping[str, Any]) -> list[Address]:
     host = connect_kwargs.get("host")
     port = connect_kwargs.get("port")
     if host is not None:

@@ -221,30 +221,6 @@ def _nested_comment_end(query: str, start: int) -> int:
     return 0
 
 
-def _remove_comments(query: str) -> tuple[str, bool]:
-    """*query* without comments, and whether it lexed completely.  A comment becomes
-    one space unless whitespace already separates its neighbours, so no two tokens
-    merge (``1-/**/-2`` must not become ``1--2``, a comment).  An unterminated
-    construct and all after it is kept verbatim, so it stays unparseable."""
-    parts: list[str] = []
-    last = 0
-    for kind, start, end in _spans(query):
-        if kind == _ERROR:
-            parts.append(query[last:])
-            return "".join(parts), False
-        if kind == _COMMENT:
-            parts.append(query[last:start])
-            before = query[start - 1] if start else " "
-            after = query[end] if end < len(query) else " "
-            if before not in _PG_WHITESPACE and after not in _PG_WHITESPACE:
-                parts.append(" ")
-            last = end
-    if not parts:
-        return query, True
-    parts.append(query[last:])
-    return "".join(parts).strip(_PG_WHITESPACE), True
-
-
 # ----------------------------------------------------------------------- keywords
 
 _DML = frozenset({"insert", "update", "delete", "merge"})
@@ -448,8 +424,8 @@ def _scan(tokens: list[str], head: int) -> _Scan:
             with_states.append(_NO_WITH)
         elif token == ")":
             if not openers:
-                return _Scan(frozenset(functions), modifies_data, dml_after_with, locking,
-                             select_into, balanced=False)
+                balanced = False
+                break
             last_closed_opener = openers.pop()
             with_states.pop()
         elif prev == "." or prev == "as":
@@ -474,8 +450,10 @@ def _scan(tokens: list[str], head: int) -> _Scan:
                 locking = True
         elif token == "into":
             select_into = True
+    else:
+        balanced = not openers
     return _Scan(frozenset(functions), modifies_data, dml_after_with, locking, select_into,
-                 balanced=not openers)
+                 balanced)
 
 
 def _called_function(tokens: list[str], paren: int, head: int, closed: str) -> str | None:
@@ -522,7 +500,7 @@ def _select_verdict(reason: str, scan: _Scan, with_clause: bool) -> _Verdict:
         return _Verdict(StatementKind.WRITE, "locking clause", functions, _unsafe(functions))
     if scan.select_into:  # creates a table, possibly a session's TEMP one
         return _Verdict(StatementKind.WRITE, "select into", functions, True)
-    if any(_is_write_function(name) for name in functions):
+    if functions and any(_is_write_function(name) for name in functions):
         return _Verdict(StatementKind.WRITE, "write function", functions, True)
     return _Verdict(StatementKind.READ, reason, functions, _unsafe(functions))
 
@@ -828,8 +806,28 @@ def strip_hint(query: str) -> str:
 
 
 def strip_comments(query: str) -> str:
-    """*query* without any comment outside string literals.  An unterminated string
-    or comment and everything after it is kept verbatim (it stays unparseable)."""
+    """*query* without any comment outside string literals.  A comment becomes one
+    space unless whitespace already separates its neighbours, so no two tokens merge
+    (``1-/**/-2`` must not become ``1--2``, a comment).  An unterminated string or
+    comment and everything after it is kept verbatim (so it stays unparseable)."""
     if "--" not in query and "/*" not in query:
         return query
-    return _remove_comments(query)[0]
+    parts: list[str] = []
+    last = 0
+    for kind, start, end in _spans(query):
+        if kind == _ERROR:
+            break
+        if kind == _COMMENT:
+            parts.append(query[last:start])
+            before = query[start - 1] if start else " "
+            after = query[end] if end < len(query) else " "
+            if before not in _PG_WHITESPACE and after not in _PG_WHITESPACE:
+                parts.append(" ")
+            last = end
+    else:
+        if not parts:
+            return query
+        parts.append(query[last:])
+        return "".join(parts).strip(_PG_WHITESPACE)
+    parts.append(query[last:])
+    return "".join(parts)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -35,7 +36,11 @@ class Address:
 
     @classmethod
     def parse(cls, text: str, *, default_port: int = 5432) -> Address:
-        """Parse ``host``, ``host:port``, ``[v6]:port`` or a bare IPv6 literal."""
+        """Parse ``host``, ``host:port``, ``[v6]:port`` or a bare IPv6 literal.
+
+        Raises ValueError on anything else: brackets around a non-IPv6 host, a
+        non-ASCII or out-of-range port, whitespace or control characters.
+        """
         text = text.strip()
         if not text:
             raise ValueError("empty address")
@@ -48,9 +53,13 @@ class Address:
                 if not rest.startswith(":"):
                     raise ValueError(f"garbage after IPv6 literal in {text!r}")
                 port = _parse_port(rest[1:], text)
-        elif text.count(":") == 1:
+            if not _is_ipv6(host):
+                raise ValueError(f"brackets hold no IPv6 literal in {text!r}")
+        elif text.count(":") == 1 and not text.startswith("/"):
             host, port_text = text.split(":")
             port = _parse_port(port_text, text)
+        elif ":" in text and not text.startswith("/") and not _is_ipv6(text):
+            raise ValueError(f"neither host:port nor an IPv6 literal: {text!r}")
         else:
             host = text  # a name, IPv4, a socket directory, or a bare IPv6 literal
         return cls(normalize_host(host), port)
@@ -59,8 +68,12 @@ class Address:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
+_ASCII_PORT = re.compile(r"[0-9]{1,5}")
+_HOST_NAME = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
+
+
 def _parse_port(port_text: str, whole: str) -> int:
-    if not port_text.isdigit():
+    if not _ASCII_PORT.fullmatch(port_text):
         raise ValueError(f"invalid port in {whole!r}")
     port = int(port_text)
     if not 0 < port < 65536:
@@ -68,16 +81,27 @@ def _parse_port(port_text: str, whole: str) -> int:
     return port
 
 
+def _is_ipv6(text: str) -> bool:
+    try:
+        return ipaddress.ip_address(text.rstrip(".")).version == 6
+    except ValueError:
+        return False
+
+
 def normalize_host(host: str) -> str:
     """Lowercase names and canonicalise IP literals so one instance has one spelling."""
-    if not host:
-        raise ValueError("empty host")
     if host.startswith("/"):
+        if any(ord(c) < 32 for c in host):
+            raise ValueError(f"control character in socket path {host!r}")
         return host  # unix socket directory: case-sensitive path
+    bare = host.rstrip(".")
     try:
-        return ipaddress.ip_address(host).compressed
+        return ipaddress.ip_address(bare).compressed
     except ValueError:
-        return host.lower().rstrip(".")
+        pass
+    if not _HOST_NAME.fullmatch(bare):
+        raise ValueError(f"invalid host name {host!r}")
+    return bare.lower()
 
 
 @dataclass(frozen=True, slots=True)

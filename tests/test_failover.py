@@ -25,7 +25,6 @@ import asyncio
 import datetime
 import itertools
 import json
-import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -480,7 +479,7 @@ async def test_circuit_breaker_visible(
 
 
 async def test_demoted_primary_write_moves_to_new_primary(
-    cluster_factory: ClusterFactory, make_pool: PoolFactory, caplog: pytest.LogCaptureFixture
+    cluster_factory: ClusterFactory, make_pool: PoolFactory
 ) -> None:
     """A write refused as read-only (25006) refreshes the topology and lands once elsewhere.
 
@@ -506,12 +505,13 @@ async def test_demoted_primary_write_moves_to_new_primary(
     refreshes = pool.stats().refreshes
     new_id = 424242
     started = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="picopool"):
-        await pool.execute(INSERT, new_id)
+    await pool.execute(INSERT, new_id)
     elapsed = time.monotonic() - started
     refreshed = pool.stats().refreshes - refreshes
-    assert any("read-only" in r.getMessage() for r in caplog.records), (
-        "the write never hit the read-only primary"
+    # The server's own log proves the write reached the old primary and was refused.
+    refused = "cannot execute INSERT in a read-only transaction"
+    assert refused in old.log_file.read_text(errors="replace"), (
+        "the write never hit the old primary"
     )
     assert address_of(pool) == new_address
     # Landed exactly once, on the new primary; the old one refused it.
@@ -547,6 +547,50 @@ async def test_demoted_primary_write_moves_to_new_primary(
     assert 1 <= refreshed <= 2, f"{refreshed} refreshes to learn the new primary"
     await pool.close()
     cluster.stop()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="bug: _should_retry calls member.record_failure() on 25006, so N concurrent writes "
+    "refused as read-only open the primary's circuit breaker for 0.5*2**(N-1) s (2-4 s with 4 "
+    "writers) although the instance is healthy; a Patroni leader listed before its promotion "
+    "finished is then shunned for seconds after it takes writes (seen as 1.6-3.3 s extra in "
+    "the Patroni scenarios)",
+)
+async def test_read_only_refusal_does_not_trip_the_breaker(
+    cluster_factory: ClusterFactory, make_pool: PoolFactory
+) -> None:
+    """A primary that refuses writes for a moment takes them again at once when it can.
+
+    25006 is what a Patroni leader answers while its promotion finishes; it says
+    nothing about the instance's health, so it must not open the breaker.
+    """
+    cluster = cluster_factory(1, base_dir=FAST_DIR)
+    primary = cluster.primary
+    primary.sql(CREATE_TABLE)
+    pool = await make_pool(cluster.dsn, **FAILOVER_POOL)
+    load = MixedLoad(pool, writers=4, readers=0, max_duration=30).start()
+    try:
+        await load.wait_for_write_after(load.report.started, 10, count=50)
+        await asyncio.to_thread(primary.set_parameter, "default_transaction_read_only", "on")
+        await asyncio.sleep(0.3)
+        await asyncio.to_thread(primary.set_parameter, "default_transaction_read_only", None)
+        t_writable = time.monotonic()
+        first = await load.wait_for_write_after(t_writable, 20)
+    finally:
+        report = await load.stop()
+    resume = first.at - t_writable
+    record(
+        "read-only-window-resume",
+        provider="streaming",
+        writable_to_first_write_s=resume,
+        failed_writes=len(report.write_errors),
+        errors=report.errors_by_type(),
+    )
+    await pool.close()
+    cluster.stop()
+    assert resume < 1.0, f"writes resumed {resume:.2f} s after the primary took them again"
 
 
 async def test_no_retry_inside_acquire(

@@ -145,7 +145,9 @@ async def test_writes_go_to_the_primary_and_succeed(
         assert await where(pool, shared, pool.execute(query)) == "primary"
 
 
-async def test_write_forced_to_a_replica_fails(shared: LocalCluster, make_pool: PoolFactory) -> None:
+async def test_write_forced_to_a_replica_fails(
+    shared: LocalCluster, make_pool: PoolFactory
+) -> None:
     """Control for the test above: the writes really would fail on a replica."""
     pool = await make_pool(shared.dsn)
     with pytest.raises(asyncpg.ReadOnlySQLTransactionError):
@@ -266,7 +268,9 @@ async def test_acquire_roles(shared: LocalCluster, make_pool: PoolFactory) -> No
         pool.acquire(role="leader")
 
 
-async def test_awaited_acquire_is_on_the_primary(shared: LocalCluster, make_pool: PoolFactory) -> None:
+async def test_awaited_acquire_is_on_the_primary(
+    shared: LocalCluster, make_pool: PoolFactory
+) -> None:
     pool = await make_pool(shared.dsn)
     con = await pool.acquire()
     try:
@@ -356,7 +360,9 @@ async def test_route_scope_sends_reads_to_the_primary(
         pass
 
 
-async def test_instance_hint_and_router_instance(shared: LocalCluster, make_pool: PoolFactory) -> None:
+async def test_instance_hint_and_router_instance(
+    shared: LocalCluster, make_pool: PoolFactory
+) -> None:
     target = shared.replicas[1]
     ids = {s.id for s in (await make_pool(shared.dsn)).stats().instances}
     assert instance_id(target.port) in ids  # Streaming instances are named by address
@@ -385,7 +391,9 @@ async def test_instance_hint_and_router_instance(shared: LocalCluster, make_pool
         await lone.fetchval("/* picopool: instance=127.0.0.1:1 */ select 1")
 
 
-async def test_router_sees_the_classifier_guess(shared: LocalCluster, make_pool: PoolFactory) -> None:
+async def test_router_sees_the_classifier_guess(
+    shared: LocalCluster, make_pool: PoolFactory
+) -> None:
     seen: list[tuple[str, str]] = []
 
     def router(query: str, guess: str) -> str | None:
@@ -399,7 +407,9 @@ async def test_router_sees_the_classifier_guess(shared: LocalCluster, make_pool:
                     (f"update {S}.t set v = 'r' where id = 2", "primary")]
 
 
-async def test_rewrite_hook_changes_the_statement(shared: LocalCluster, make_pool: PoolFactory) -> None:
+async def test_rewrite_hook_changes_the_statement(
+    shared: LocalCluster, make_pool: PoolFactory
+) -> None:
     def rewrite(query: str) -> str:
         if query.startswith("select 1 as a"):
             return query + ", 42 as extra"

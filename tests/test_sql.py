@@ -634,7 +634,7 @@ def write_statements(draw: st.DrawFn) -> tuple[str, str]:
     return _assemble(draw, parts, decoys)
 
 
-_FAST = settings(max_examples=150, deadline=None)
+_FAST = settings(max_examples=120, deadline=None)
 
 
 @_FAST
@@ -678,7 +678,7 @@ def _same_verdict(left: Classification, right: Classification) -> bool:
     )
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(st.one_of(st.text(), _SQLISH))
 def test_never_raises_on_arbitrary_text(text: str) -> None:
     info = _sql._classify_uncached(text)

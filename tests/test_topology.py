@@ -94,7 +94,6 @@ def test_parse_rejects_garbage(text: str) -> None:
         Address.parse(text)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: Address.parse accepts garbage hosts/ports")
 @pytest.mark.parametrize(
     "text",
     [
@@ -112,8 +111,6 @@ def test_parse_rejects_more_garbage(text: str) -> None:
         Address.parse(text)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: normalize_host strips a trailing dot only after "
-                   "trying ipaddress, so '0::1.' stays '0::1' and is not idempotent")
 def test_normalize_host_trailing_dot_on_ip_literal() -> None:
     assert normalize_host("0::1.") == normalize_host("0::1") == "::1"
     assert Address.parse("[0:0::1.]:5432") == Address("::1", 5432)
@@ -204,8 +201,6 @@ def test_seed_addresses_rejects_bad_dsns(dsn: str) -> None:
         seed_addresses(dsn, {})
 
 
-@pytest.mark.xfail(strict=True, reason="bug: bad hosts/ports inside a URL netloc or a host list "
-                   "raise a bare ValueError from Address.parse, not ConfigurationError")
 @pytest.mark.parametrize(
     "dsn",
     ["postgres://h:notaport/db", "postgres://h:99999/db", "postgres://:5432/db",
@@ -481,9 +476,6 @@ def test_unusable_held_instance_is_removed() -> None:
     assert plan.remove == ("a",) and plan.add == ()
 
 
-@pytest.mark.xfail(strict=True, reason="bug: mask_dsn anchors the URL pattern at the very start, "
-                   "so a URL DSN with leading whitespace (which urllib, hence asyncpg, accepts) "
-                   "keeps its password, and seed_addresses echoes it in its error")
 @pytest.mark.parametrize("dsn", [" postgres://u:s3cret@h/db", "\tpostgresql://u:s3cret@h/db"])
 def test_mask_dsn_hides_passwords_after_leading_whitespace(dsn: str) -> None:
     assert "s3cret" not in mask_dsn(dsn)
