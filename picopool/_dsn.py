@@ -93,6 +93,32 @@ def _kv_pairs(dsn: str) -> dict[str, str]:
     return pairs
 
 
+def asyncpg_dsn(dsn: str | None) -> str | None:
+    """The DSN in a form asyncpg accepts: key/value DSNs become URLs.
+
+    asyncpg parses only URLs; libpq's ``host=a port=1 dbname=x`` spelling is
+    turned into ``postgresql://`` with every other key as a query parameter.
+    """
+    if not dsn:
+        return dsn
+    dsn = dsn.strip()
+    if dsn.lower().startswith(_URL_PREFIXES):
+        return dsn
+    if "=" not in dsn:
+        raise ConfigurationError(f"unrecognised DSN {mask_dsn(dsn)!r}")
+    pairs = _kv_pairs(dsn)
+    quote = urllib.parse.quote
+    userinfo = ""
+    if "user" in pairs:
+        userinfo = quote(pairs.pop("user"), safe="")
+        if "password" in pairs:
+            userinfo += ":" + quote(pairs.pop("password"), safe="")
+        userinfo += "@"
+    database = quote(pairs.pop("dbname", ""), safe="")
+    query = urllib.parse.urlencode(pairs)  # host/port stay here; picopool overrides them
+    return f"postgresql://{userinfo}/{database}" + (f"?{query}" if query else "")
+
+
 def seed_addresses(dsn: str | None, connect_kwargs: Mapping[str, Any]) -> list[Address]:
     """The seed instances named by *dsn* and explicit ``host``/``port`` kwargs.
 

@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import asyncpg
 
-from ._dsn import mask_dsn, seed_addresses
+from ._dsn import asyncpg_dsn, mask_dsn, seed_addresses
 from ._errors import (
     ConfigurationError,
     NoAvailableInstanceError,
@@ -75,6 +75,19 @@ _causal_scope: contextvars.ContextVar[_CausalScope | None] = contextvars.Context
     "picopool_causal", default=None)
 
 
+def _rejected_before_sending(exc: BaseException) -> bool:
+    """asyncpg refused the statement locally: the server never saw it.
+
+    "connection is closed" comes from the check before sending; "cannot switch
+    to state" means the server's FATAL arrived on an idle pooled connection
+    before the socket closed, and asyncpg rejects the next statement.
+    """
+    if isinstance(exc, asyncpg.InterfaceError) and "connection is closed" in str(exc):
+        return True
+    return isinstance(exc, asyncpg.InternalClientError) and str(exc).startswith(
+        "cannot switch to state")
+
+
 def parse_lsn(text: str | None) -> int:
     """``'16/B374D848'`` -> an integer WAL position (0 for None)."""
     if not text:
@@ -88,6 +101,32 @@ def format_lsn(position: int) -> str:
 
 
 _TOKEN_PREFIX = "pp1:"
+_DEALLOCATE_SQL_PREPARED = """DO $picopool$ DECLARE name text; BEGIN
+FOR name IN SELECT p.name FROM pg_prepared_statements p WHERE p.from_sql LOOP
+EXECUTE format('DEALLOCATE %I', name); END LOOP; END $picopool$"""
+
+# True when nothing in the database can change session state behind a statement:
+# no user function that is not SQL/PL/pgSQL or whose body mentions anything
+# session-changing (deliberately broad: "when in doubt, reset"), no view, rule,
+# default, policy or trigger depending on set_config or an advisory lock
+# function, and no event trigger.
+_ELISION_SAFE_QUERY = r"""SELECT NOT EXISTS (
+    SELECT 1 FROM pg_proc p
+    JOIN pg_namespace n ON n.oid = p.pronamespace
+    JOIN pg_language l ON l.oid = p.prolang
+    WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
+      AND (l.lanname NOT IN ('sql', 'plpgsql')
+           OR p.prosrc ~* ('(set_config|advisory|listen|prepare|declare|execute|dblink'
+                           '|\mset\M|\mreset\M)'))
+) AND NOT EXISTS (
+    SELECT 1 FROM pg_depend d
+    JOIN pg_proc p ON d.refclassid = 'pg_proc'::regclass AND d.refobjid = p.oid
+    WHERE d.classid IN ('pg_rewrite'::regclass, 'pg_attrdef'::regclass,
+                        'pg_policy'::regclass, 'pg_trigger'::regclass)
+      AND p.pronamespace = 'pg_catalog'::regnamespace
+      AND (p.proname = 'set_config' OR p.proname LIKE 'pg%advisory%')
+) AND NOT EXISTS (SELECT 1 FROM pg_event_trigger)"""
+
 # Error-triggered refreshes come no closer together than this.
 _MIN_REFRESH_GAP = 0.05
 
@@ -96,7 +135,8 @@ _MIN_REFRESH_GAP = 0.05
 _REPLICA_LAG_QUERY = """SELECT pg_last_wal_replay_lsn()::text,
     CASE WHEN pg_last_wal_receive_lsn() IS NULL
               OR pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0
-         ELSE extract(epoch FROM now() - pg_last_xact_replay_timestamp()) END"""
+         ELSE extract(epoch FROM now() - coalesce(pg_last_xact_replay_timestamp(),
+                                                 pg_postmaster_start_time())) END"""
 
 
 def format_causal_token(position: int) -> str:
@@ -192,6 +232,7 @@ class Pool:
         self._drain_timeout = drain_timeout
         self._connect_timeout = connect_timeout
         self._seeds = tuple(seed_addresses(dsn, connect_kwargs))
+        asyncpg_dsn(dsn)  # a DSN asyncpg cannot read fails here, not at first connect
         self._service = ServiceConnections(
             dsn=dsn, connect_kwargs=connect_kwargs, seeds=self._seeds, service_dsn=service_dsn,
             current=lambda: self._topology, connect_timeout=connect_timeout,
@@ -230,6 +271,12 @@ class Pool:
         # Raw connections whose last pool-level statement provably left no session
         # state: their release skips asyncpg's reset round trip.
         self._skip_reset: set[Any] = set()
+        # Raw connections whose reset must also drop SQL-level prepared statements.
+        self._deep_reset: set[Any] = set()
+        # Whether the database has nothing that could change session state behind a
+        # statement's back (triggers, views, defaults, policies, suspicious functions).
+        # Checked on every refresh; until then, and on any doubt, every release resets.
+        self._elision_safe = False
         self._user_reset = pool_options.pop("reset", None)
         self._provider_reset: Callable[[Any], Any] | None = None
 
@@ -246,7 +293,11 @@ class Pool:
         try:
             if self._provider is None:
                 self._provider = await detect_provider(self._service)
-            await self.refresh_topology()
+            topology = await self.refresh_topology()
+            if not topology.instances:
+                raise NoAvailableInstanceError(
+                    f"{self._provider.name} discovery found no usable instance "
+                    f"(seeds: {', '.join(map(str, self._seeds))})")
             await self._warm_up()
             self._poller = asyncio.ensure_future(self._poll())
         except (Exception, asyncio.CancelledError):
@@ -364,6 +415,8 @@ class Pool:
             try:
                 topology = await self._refresh()
                 self._members_demoted.clear()
+                if self._policy.elide_reset and not topology.symmetric:
+                    self._elision_safe = await self._check_elision_safe()
                 if topology.replicas and not topology.symmetric:
                     await self._measure_lag(topology)
                 return topology
@@ -443,8 +496,27 @@ class Pool:
             await self._provider_reset(connection)
         else:
             query = connection.get_reset_query()
+            if connection in self._deep_reset:
+                # asyncpg's reset keeps SQL-level PREPAREd statements; drop them too
+                # (its own protocol-level statements have from_sql = false).
+                query = f"{query};{_DEALLOCATE_SQL_PREPARED}" if query else _DEALLOCATE_SQL_PREPARED
             if query:
                 await connection.execute(query)
+
+    async def _check_elision_safe(self) -> bool:
+        """Ask the catalog whether skipping the reset is sound in this database.
+
+        The classifier sees only the statement's text. A trigger, a view, a column
+        default, a policy or an event trigger could call set_config() or take an
+        advisory lock behind it, so any sign of that turns reset elision off.
+        """
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                conn = await self._service.service_connection()
+                return bool(await conn.fetchval(_ELISION_SAFE_QUERY))
+        except Exception as exc:
+            logger.debug("cannot check whether reset elision is safe: %s", describe_error(exc))
+            return False
 
     async def _measure_lag(self, topology: Topology) -> None:
         """Each replica's lag behind the primary, in bytes and seconds.
@@ -489,11 +561,16 @@ class Pool:
         self._provider_reset = provider_options.pop("reset", None)
         options.update(provider_options)
         options["reset"] = self._reset_connection
+        return asyncpg.create_pool(asyncpg_dsn(self._dsn), **options,
+                                   **self._instance_connect_kwargs(instance))
+
+    def _instance_connect_kwargs(self, instance: Instance) -> dict[str, Any]:
+        """The user's connect kwargs, pointed at one instance."""
         kwargs = dict(self._connect_kwargs)
         kwargs.update(host=instance.address.host, port=instance.address.port)
         kwargs.setdefault("target_session_attrs", "any")
         kwargs.setdefault("timeout", self._connect_timeout)
-        return asyncpg.create_pool(self._dsn, **options, **kwargs)
+        return kwargs
 
     async def _poll(self) -> None:
         """Refresh on every interval (if set) and whenever an error asks for it."""
@@ -579,6 +656,8 @@ class Pool:
                 return False
             if instance.id in self._members_demoted and instance.role.writable:
                 return False  # refused a write as read-only; wait for the refresh
+            if only is not None:  # named by a hint or the router: the user's call
+                return True
             return not (reading and instance.role is Role.REPLICA and self._lagging(instance))
 
         max_size = self._pool_options["max_size"]
@@ -674,13 +753,13 @@ class Pool:
         """
         caught_up = [i for i, position in self._replay_lsn.items() if position >= lsn]
         if caught_up:
-            with contextlib.suppress(NoAvailableInstanceError):
+            with contextlib.suppress(NoAvailableInstanceError, TimeoutError):
                 return await self._acquire_member(RoleRequest.REPLICA, 0.05, only=caught_up)
         if self._causal_wait > 0:
             try:
                 member, connection = await self._acquire_member(RoleRequest.REPLICA, 0.05)
-            except NoAvailableInstanceError:
-                pass
+            except (NoAvailableInstanceError, TimeoutError):
+                pass  # no replica free now: the primary always has the write
             else:
                 try:
                     if await self._wait_replayed(member, connection, lsn):
@@ -752,6 +831,8 @@ class Pool:
                 "acquired from this pool"
             )
         member.served += 1
+        if connection.is_closed():  # it broke in the user's hands: the instance may be gone
+            self._request_refresh()
         scope = _causal_scope.get()
         try:
             if (scope is not None or self._read_your_writes) and member.instance.role.writable \
@@ -780,11 +861,16 @@ class Pool:
                     decision.request, None, instance=decision.instance)
             try:
                 result = await getattr(connection, method)(decision.query, *positional, **kwargs)
-                if decision.is_write and (scope is not None or self._read_your_writes) \
-                        and member.instance.role.writable and not self._symmetric:
+                if (scope is not None or self._read_your_writes) and self._may_have_written(
+                        decision, member):
                     await self._record_write_position(connection, scope)
             except (Exception, asyncio.CancelledError) as exc:
+                raw = connection._con
+                if is_connection_error(exc) or _rejected_before_sending(exc):
+                    connection.terminate()  # never hand a broken connection to the next user
+                self._deep_reset.add(raw)
                 await self._release_quietly(member, connection)
+                self._deep_reset.discard(raw)
                 if isinstance(exc, asyncio.CancelledError) or self._closing:
                     raise
                 if not self._should_retry(member, exc, decision, attempt):
@@ -795,14 +881,26 @@ class Pool:
                 continue
             member.served += 1
             raw = connection._con
-            if decision.elide_reset:
-                self._skip_reset.add(raw)
+            marks = self._skip_reset if decision.elide_reset and self._elision_safe \
+                else self._deep_reset
+            marks.add(raw)
             try:
                 await member.pool.release(connection)
             finally:
                 # Released without a reset (expired, or closed): don't keep the mark.
-                self._skip_reset.discard(raw)
+                marks.discard(raw)
             return result
+
+    def _may_have_written(self, decision: Decision, member: Member) -> bool:
+        """A statement sent to the primary that the classifier cannot prove a read.
+
+        Writes the classifier missed (a user routed them with ``role=``, a hint
+        or the router) must still move the read-your-writes position.
+        """
+        if self._symmetric or not member.instance.role.writable:
+            return False
+        return decision.is_write or decision.request is RoleRequest.PRIMARY \
+            or decision.instance is not None
 
     async def _release_quietly(self, member: Member, connection: Any) -> None:
         try:
@@ -821,17 +919,18 @@ class Pool:
         """
         sqlstate = getattr(exc, "sqlstate", None)
         if sqlstate == "25006" and member.instance.role.writable and not self._symmetric:
-            logger.warning("instance %s refused a write as read-only: it was demoted; "
-                           "refreshing the topology", member.instance.label)
-            member.record_failure(describe_error(exc))
+            logger.warning("instance %s refused a write as read-only: it was demoted, or "
+                           "is not promoted yet; refreshing the topology", member.instance.label)
+            # Not a breaker failure: a primary still finishing its promotion is healthy,
+            # and _members_demoted keeps writes off it until the next refresh.
+            member.last_error = describe_error(exc)
             self._demoted(member)
             return attempt < self._max_retries
-        if not is_connection_error(exc):
+        rejected_locally = _rejected_before_sending(exc)
+        if not (is_connection_error(exc) or rejected_locally):
             return False
         self._note_failure(member, exc)
-        not_sent = sqlstate == "57P03" or (
-            isinstance(exc, asyncpg.InterfaceError) and "connection is closed" in str(exc)
-        )
+        not_sent = rejected_locally or sqlstate == "57P03"
         return attempt < self._max_retries and (not decision.is_write or not_sent)
 
     def _demoted(self, member: Member) -> None:
@@ -987,10 +1086,29 @@ class Pool:
             return scoped
         return read_request(self._policy, self._symmetric)
 
+    def _causal_lsn(self, request: RoleRequest) -> int:
+        """The WAL position a read must see, in this task's scope or pool-wide."""
+        if request is RoleRequest.PRIMARY or self._symmetric:
+            return 0
+        scope = _causal_scope.get()
+        if scope is not None:
+            return scope.lsn
+        return self._pool_lsn if self._read_your_writes else 0
+
+    async def _acquire_routed(self, request: RoleRequest, timeout: float | None) -> Any:
+        """Check out a connection for *request*, honouring read-your-writes."""
+        lsn = self._causal_lsn(request)
+        if lsn:
+            member, connection = await self._acquire_caught_up(request, lsn)
+        else:
+            member, connection = await self._acquire_member(request, timeout)
+        self._checked_out[connection] = member
+        return connection
+
     @asynccontextmanager
     async def _connection_for(self, request: RoleRequest) -> AsyncIterator[Any]:
         """A connection for one pool-level call (COPY); released with a full reset."""
-        connection = await self._acquire(None, request)
+        connection = await self._acquire_routed(request, None)
         try:
             yield connection
         finally:
@@ -1009,10 +1127,13 @@ class Pool:
         default = (read_request(self._policy, self._symmetric) if readonly
                    else RoleRequest.PRIMARY)
         request = parse_role(role, default) if role is not None else default
-        async with self.acquire(timeout=timeout, role=request.value) as connection, \
-                connection.transaction(isolation=isolation, readonly=readonly,
-                                       deferrable=deferrable):
-            yield connection
+        connection = await self._acquire_routed(request, timeout)
+        try:
+            async with connection.transaction(isolation=isolation, readonly=readonly,
+                                              deferrable=deferrable):
+                yield connection
+        finally:
+            await self.release(connection)
 
     @contextmanager
     def route(self, role: str) -> Iterator[None]:
@@ -1061,11 +1182,8 @@ class Pool:
         self._service.set_connect_args(dsn, connect_kwargs)
         for member in self._members.values():
             if member.pool is not None:
-                kwargs = dict(connect_kwargs)
-                kwargs.update(host=member.instance.address.host,
-                              port=member.instance.address.port)
-                kwargs.setdefault("target_session_attrs", "any")
-                member.pool.set_connect_args(dsn, **kwargs)
+                member.pool.set_connect_args(
+                    asyncpg_dsn(dsn), **self._instance_connect_kwargs(member.instance))
 
     def _sum(self, getter: Callable[[Any], int]) -> int:
         return sum(getter(m.pool) for m in self._members.values() if m.ready)

@@ -14,7 +14,7 @@ from typing import Any
 
 import asyncpg
 
-from ._dsn import mask_dsn
+from ._dsn import asyncpg_dsn, mask_dsn
 from ._errors import TopologyError, describe_error
 from ._topology import Address, Topology
 
@@ -67,9 +67,9 @@ class ServiceConnections:
         kwargs.pop("target_session_attrs", None)
         kwargs.setdefault("timeout", self._connect_timeout)
         if address is None:  # the pinned service DSN
-            return await asyncpg.connect(self._service_dsn, **kwargs)
+            return await asyncpg.connect(asyncpg_dsn(self._service_dsn), **kwargs)
         kwargs.update(host=address.host, port=address.port)
-        return await asyncpg.connect(self._dsn, **kwargs)
+        return await asyncpg.connect(asyncpg_dsn(self._dsn), **kwargs)
 
     def _service_candidates(self) -> list[Address]:
         """Where to look for metadata: the last service instance, live instances, seeds."""

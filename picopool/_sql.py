@@ -513,8 +513,12 @@ def _explain_verdict(tokens: list[str]) -> _Verdict:
     """EXPLAIN only plans (a read, nothing runs); EXPLAIN ANALYZE runs the statement."""
     analyze = False
     rest = 1
-    if rest + 1 < len(tokens) and tokens[rest] == "(" \
-            and tokens[rest + 1] not in _PARENTHESISED_STATEMENT:
+    options = (
+        rest + 1 < len(tokens)
+        and tokens[rest] == "("
+        and tokens[rest + 1] not in _PARENTHESISED_STATEMENT  # EXPLAIN (SELECT ..)
+    )
+    if options:
         try:
             close = tokens.index(")", rest)
         except ValueError:
@@ -534,7 +538,7 @@ def _explain_verdict(tokens: list[str]) -> _Verdict:
             analyze = analyze or tokens[rest] != "verbose"
             rest += 1
     inner = tokens[rest:]
-    if not inner:
+    if not inner or inner[0] == "explain":  # EXPLAIN EXPLAIN is a syntax error
         return _Verdict(StatementKind.WRITE, "unknown statement", _EMPTY, True)
     if not analyze:
         return _Verdict(StatementKind.READ, "explain", _EMPTY, False)
@@ -628,25 +632,26 @@ _HINT_COMMENT_BODY = r"/\*([^*/]*)\*/"  # hint comments never contain "*" or "/"
 _START_HINT_RE = re.compile(f"[{_PG_WHITESPACE}]*{_HINT_COMMENT_BODY}")
 _END_HINT_RE = re.compile(f"{_HINT_COMMENT_BODY}[{_PG_WHITESPACE}]*\\Z")
 _HINT_PREFIX_RE = re.compile(r"[ \t\n\r\f\v]*picopool[ \t\n\r\f\v]*:", re.IGNORECASE)
-_HINT_PAIRS_RE = re.compile(
-    r"(?:[ \t\n\r\f\v,;]*([A-Za-z_]+)[ \t\n\r\f\v]*=[ \t\n\r\f\v]*([^\s,;=]+))*"
-    r"[ \t\n\r\f\v,;]*"
-)
-_HINT_PAIR_RE = re.compile(r"([A-Za-z_]+)[ \t\n\r\f\v]*=[ \t\n\r\f\v]*([^\s,;=]+)")
+_HINT_EQUALS_RE = re.compile(r"[ \t\n\r\f\v]*=[ \t\n\r\f\v]*")
+_HINT_SEPARATORS_RE = re.compile(r"[ \t\n\r\f\v,;]+")
+_HINT_KEYS = frozenset({"role", "instance"})
 
 
 def _hint_from_body(body: str) -> RoutingHint | None:
-    """Parse ``picopool: role=... instance=...``; None for anything malformed."""
+    """Parse ``picopool: role=... instance=...``; None for anything malformed.
+    (Split by hand: a regex with repeated key=value groups backtracks
+    exponentially on adversarial text.)"""
     prefix = _HINT_PREFIX_RE.match(body)
     if prefix is None:
         return None
-    pairs = body[prefix.end() :]
-    if not _HINT_PAIRS_RE.fullmatch(pairs):
-        return None
+    pairs = _HINT_EQUALS_RE.sub("=", body[prefix.end() :])
     values: dict[str, str] = {}
-    for key, value in _HINT_PAIR_RE.findall(pairs):
+    for item in _HINT_SEPARATORS_RE.split(pairs):
+        if not item:
+            continue
+        key, _, value = item.partition("=")
         key = key.lower()
-        if key in values or key not in ("role", "instance"):
+        if key not in _HINT_KEYS or key in values or not value or "=" in value:
             return None
         values[key] = value
     role = values.get("role")

@@ -8,15 +8,26 @@ checks on the new primary *directly* (asyncpg, not the pool) that every
 acknowledged id is there, and that writes resumed through the same pool.
 
 Recovery times are printed and appended as JSON lines to
-``/tmp/picopool-failover-times.jsonl`` (``$PICOPOOL_FAILOVER_TIMES`` overrides):
-``visible_to_first_write_s`` runs from the moment the new primary was visible
-to the source of truth (promoted node answers ``pg_is_in_recovery() = false``,
-Patroni's ``/cluster`` lists the new leader running, the monitor's
-``get_primary()`` names the new node) to the first write acknowledged through
-picopool at or after that moment.
+``/tmp/picopool-failover-times.jsonl`` (``$PICOPOOL_FAILOVER_TIMES`` overrides;
+``run`` groups the lines of one pytest run):
+
+* ``visible_to_first_write_s``: from the moment the new primary was visible to
+  the source of truth (the promoted node answers ``pg_is_in_recovery() = false``,
+  Patroni's ``/cluster`` lists the new leader ``running``, the monitor's
+  ``get_primary()`` names the new node) to the first write acknowledged through
+  picopool at or after that moment;
+* ``visible_to_direct_write_s``: the same for a write sent straight to the new
+  primary (no pool), the cluster's own share (e.g. a commit waiting for the
+  synchronous standby to reconnect); ``first_write_after_direct_s`` is
+  picopool's share on top of it;
+* ``max_write_gap_s``: the longest pause between two acknowledged writes, the
+  outage as the application saw it.
 
 The asynchronous-replication scenario only reports how many acknowledged writes
 were lost: with asynchronous replication that is allowed to be more than zero.
+
+Two strict xfails reproduce library bugs deterministically (see their reasons).
+The HA scenarios need ``.ci/install-ha.sh`` (etcd, Patroni venv, pg_auto_failover).
 """
 
 from __future__ import annotations
@@ -36,7 +47,6 @@ import asyncpg
 import pytest
 from harness._process import HarnessUnavailable
 from harness.autofailover import AutoFailoverCluster
-from harness.fixtures import autofailover_cluster, patroni_cluster  # noqa: F401
 from harness.patroni import PatroniCluster
 from load import CREATE_TABLE, INSERT, ErrorRecord, LoadReport, MixedLoad
 
@@ -53,14 +63,15 @@ T = TypeVar("T")
 TIMES_FILE = Path(os.environ.get("PICOPOOL_FAILOVER_TIMES", "/tmp/picopool-failover-times.jsonl"))
 # tmpfs starts a LocalCluster about 3x faster than a disk.
 FAST_DIR = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+RUN_ID = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S")
 
-#: Read errors caused by a known picopool bug (see test_fatal_on_idle_pooled_connection):
+#: Read errors caused by a known picopool bug (test_fatal_on_idle_pooled_connection_is_retried):
 #: a dying server's FATAL reaches an idle pooled connection before its close does, asyncpg
 #: then refuses the next statement with InternalClientError before sending anything, and
 #: picopool does not retry it. The race is intermittent, so the load tests count these
 #: separately (and record them) instead of failing at random; the deterministic
 #: reproduction below is a strict xfail. Empty this set once the bug is fixed.
-KNOWN_BUG_ERRORS = frozenset({"InternalClientError"})
+KNOWN_BUG_ERRORS: frozenset[str] = frozenset()
 
 #: Pool options for the failover scenarios: notice changes fast, enough connections.
 FAILOVER_POOL: dict[str, Any] = {
@@ -79,6 +90,7 @@ def record(scenario: str, **values: Any) -> dict[str, Any]:
     """Print one result line and append it to the JSONL file for the lead."""
     line: dict[str, Any] = {
         "scenario": scenario,
+        "run": RUN_ID,
         "at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
     line.update({k: round(v, 3) if isinstance(v, float) else v for k, v in values.items()})
@@ -549,15 +561,6 @@ async def test_demoted_primary_write_moves_to_new_primary(
     cluster.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="bug: _should_retry calls member.record_failure() on 25006, so N concurrent writes "
-    "refused as read-only open the primary's circuit breaker for 0.5*2**(N-1) s (2-4 s with 4 "
-    "writers) although the instance is healthy; a Patroni leader listed before its promotion "
-    "finished is then shunned for seconds after it takes writes (seen as 1.6-3.3 s extra in "
-    "the Patroni scenarios)",
-)
 async def test_read_only_refusal_does_not_trip_the_breaker(
     cluster_factory: ClusterFactory, make_pool: PoolFactory
 ) -> None:
@@ -631,7 +634,8 @@ async def test_no_retry_inside_acquire(
 
 @pytest.fixture
 def patroni(request: pytest.FixtureRequest) -> Iterator[PatroniCluster]:
-    """The session's Patroni cluster (3 nodes, synchronous_mode), healthy."""
+    """The session's Patroni cluster (conftest's ``patroni_cluster``: 3 nodes,
+    synchronous_mode), healthy; skipped if the HA tools are not installed."""
     try:
         cluster: PatroniCluster = request.getfixturevalue("patroni_cluster")
     except HarnessUnavailable as exc:
@@ -743,6 +747,8 @@ async def test_patroni_switchover(patroni: PatroniCluster, make_pool: PoolFactor
 
 @pytest.fixture
 def autofailover(request: pytest.FixtureRequest) -> Iterator[AutoFailoverCluster]:
+    """The session's pg_auto_failover formation (conftest's ``autofailover_cluster``),
+    healthy; skipped if the HA tools are not installed."""
     try:
         cluster: AutoFailoverCluster = request.getfixturevalue("autofailover_cluster")
     except HarnessUnavailable as exc:
@@ -861,14 +867,6 @@ class LingeringProxy:
         await asyncio.gather(*self._handlers, return_exceptions=True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=asyncpg.InternalClientError,
-    reason="bug: a statement on a pooled connection that already received the server's "
-    "FATAL fails with asyncpg InternalClientError ('cannot switch to state ...; another "
-    "operation (2) is in progress') before anything is sent, and _should_retry does not "
-    "retry it (is_connection_error is False); seen as failed reads/writes when a node dies",
-)
 @pytest.mark.parametrize("statement", ["read", "write"])
 async def test_fatal_on_idle_pooled_connection_is_retried(
     cluster_factory: ClusterFactory, make_pool: PoolFactory, statement: str

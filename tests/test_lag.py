@@ -197,9 +197,6 @@ async def test_no_limits_means_lag_is_ignored(
 # -- bugs ----------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, raises=picopool.NoAvailableInstanceError,
-                   reason="bug: an instance pinned by a hint or router is refused while it lags "
-                   "and the request fails with NoAvailableInstanceError after failover_timeout")
 async def test_pinned_lagging_replica_still_serves(
     lag_cluster: LocalCluster, make_pool: PoolFactory
 ) -> None:
@@ -218,9 +215,6 @@ async def test_pinned_lagging_replica_still_serves(
         await set_delay(slow, None)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="bug: a replica that has replayed no transaction since it started "
-                   "reports NULL lag seconds, so max_replica_lag_seconds never excludes it")
 async def test_restarted_lagging_replica_is_excluded_by_seconds(
     lag_cluster: LocalCluster, make_pool: PoolFactory
 ) -> None:

@@ -242,9 +242,6 @@ async def test_set_connect_args(cluster: LocalCluster, pool: picopool.Pool) -> N
             assert name == "pp-reconfigured"
 
 
-@pytest.mark.xfail(strict=True, reason="bug: Pool.set_connect_args drops the connect timeout "
-                   "that _make_sub_pool adds, so existing sub-pools may then wait asyncpg's "
-                   "default 60 s for an unreachable instance instead of connect_timeout")
 async def test_set_connect_args_keeps_the_connect_timeout(cluster: LocalCluster,
                                                           make_pool: PoolFactory) -> None:
     pool = await make_pool(cluster.dsn, connect_timeout=1.5)
@@ -531,9 +528,6 @@ async def test_every_instance_down_fails_fast(cluster_factory: ClusterFactory,
     _assert_names_no_password(fetched.value)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: when no host answers, Streaming.discover returns "
-                   "an empty topology instead of raising, so every member is drained and the "
-                   "NoAvailableInstanceError names no instance ('topology vN: none')")
 async def test_every_instance_down_error_names_each_instance(
         cluster_factory: ClusterFactory, make_pool: PoolFactory) -> None:
     private = await asyncio.to_thread(cluster_factory)
@@ -567,9 +561,6 @@ async def test_create_pool_with_closed_ports_fails_fast() -> None:
         _assert_names_no_password(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: with discovery=Streaming() and no seed answering, "
-                   "Streaming.discover returns no instances, _warm_up has nothing to fail on, "
-                   "and create_pool returns a pool with an empty topology")
 async def test_create_pool_with_closed_ports_fails_with_explicit_streaming() -> None:
     dsn = f"postgres://postgres@127.0.0.1:{closed_port()},127.0.0.1:{closed_port()}/postgres"
     pool = picopool.create_pool(dsn, discovery=Streaming(), min_size=1, max_size=1)
@@ -601,16 +592,11 @@ async def test_unknown_role_is_a_configuration_error(pool: picopool.Pool) -> Non
         pool.acquire(role="leader")
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a URL DSN with a bad port raises a bare ValueError "
-                   "from Address.parse instead of ConfigurationError")
 async def test_bad_port_in_url_is_a_configuration_error() -> None:
     with pytest.raises(ConfigurationError):
         await picopool.create_pool("postgres://u@h:notaport/db")
 
 
-@pytest.mark.xfail(strict=True, reason="bug: key/value DSNs are parsed for seeds, but the DSN is "
-                   "then passed verbatim to asyncpg, which only understands URLs, so every "
-                   "connection fails with ClientConfigurationError")
 async def test_key_value_dsn_works_end_to_end(cluster: LocalCluster,
                                               make_pool: PoolFactory) -> None:
     hosts = ",".join("127.0.0.1" for _ in cluster.nodes)

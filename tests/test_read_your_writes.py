@@ -248,9 +248,6 @@ async def test_other_write_paths_are_tracked(delayed: LocalCluster, make_pool: P
 # -- bugs ----------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, raises=TimeoutError,
-                   reason="bug: _acquire_caught_up lets the 0.05 s replica acquire's "
-                   "TimeoutError escape when a replica sub-pool is busy")
 async def test_busy_replica_sub_pool_does_not_fail_causal_reads(
     delayed: LocalCluster, make_pool: PoolFactory
 ) -> None:
@@ -266,10 +263,6 @@ async def test_busy_replica_sub_pool_does_not_fail_causal_reads(
     assert tally.misses == 0
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="bug: a statement forced to the primary (role=, route(), hint) that "
-                   "writes through an undeclared function does not advance the "
-                   "read-your-writes position")
 async def test_write_forced_to_the_primary_is_seen(
     delayed: LocalCluster, make_pool: PoolFactory
 ) -> None:
@@ -280,9 +273,6 @@ async def test_write_forced_to_the_primary_is_seen(
         assert await pool.fetchval("select count(*) from t where id = $1", new_id) == 1
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="bug: copy_from_query/copy_from_table ignore the read-your-writes "
-                   "scope and read from a lagging replica")
 async def test_copy_out_in_scope_sees_the_write(
     delayed: LocalCluster, make_pool: PoolFactory
 ) -> None:
@@ -295,9 +285,6 @@ async def test_copy_out_in_scope_sees_the_write(
         assert out.getvalue() == b"1\n"
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="bug: transaction(readonly=True) ignores the read-your-writes scope "
-                   "and reads from a lagging replica")
 async def test_readonly_transaction_in_scope_sees_the_write(
     delayed: LocalCluster, make_pool: PoolFactory
 ) -> None:

@@ -238,9 +238,6 @@ async def test_user_function_on_a_replica_leaves_no_state(
         assert await state_on(pool, row["port"]) == clean(baselines[row["port"]])
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="bug: asyncpg's reset query has no DEALLOCATE, so a PREPAREd "
-                   "statement survives release (picopool runs the reset but inherits this)")
 async def test_prepared_statement_does_not_survive(
     shared: LocalCluster, make_pool: PoolFactory
 ) -> None:
@@ -250,9 +247,6 @@ async def test_prepared_statement_does_not_survive(
     assert await state_on(pool, shared.primary.port) == clean(baseline)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="bug: elision trusts the statement text, but a trigger fired by "
-                   "an INSERT can change session state (set_config) and the reset is skipped")
 async def test_trigger_state_change_does_not_leak(
     shared: LocalCluster, make_pool: PoolFactory
 ) -> None:
@@ -262,9 +256,6 @@ async def test_trigger_state_change_does_not_leak(
     assert await state_on(pool, shared.primary.port) == clean(baseline)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="bug: elision trusts the statement text, but a view can call a "
-                   "function that changes session state and the reset is skipped")
 async def test_view_state_change_does_not_leak(
     shared: LocalCluster, make_pool: PoolFactory
 ) -> None:

@@ -493,6 +493,16 @@ def test_long_statements_bypass_the_cache() -> None:
     assert classify(query) is not info
 
 
+def test_adversarial_texts_stay_fast() -> None:
+    # Nested EXPLAINs must not recurse; hint bodies must not backtrack exponentially.
+    assert classify("EXPLAIN ANALYZE " * 5000 + "SELECT 1").kind is WRITE
+    assert parse_hint("/* picopool: role=" + "ab=ab" * 2000 + " = */ SELECT 1") is None
+    assert parse_hint("/* picopool: role=" + "ab=ab" * 20 + " = */ SELECT 1") is None
+    assert classify("SELECT " + "(" * 5000 + "1" + ")" * 5000).kind is READ
+    assert classify("SELECT '" + "''" * 50_000).reason == "unparseable"
+    assert classify("SELECT 1 /* " + "/* " * 10_000).reason == "unparseable"
+
+
 def test_classification_is_immutable() -> None:
     info = classify("SELECT 1")
     assert isinstance(info, Classification)

@@ -4,7 +4,7 @@ import asyncio
 import logging
 from collections.abc import Sequence
 
-from .._errors import describe_error
+from .._errors import TopologyError, describe_error
 from .._topology import Address, Instance, Role
 from ._base import Discovered, DiscoveryContext, DiscoveryProvider, address_id, unique_addresses
 
@@ -38,8 +38,12 @@ class Streaming(DiscoveryProvider):
     async def discover(self, ctx: DiscoveryContext) -> Discovered:
         known = [i.address for i in ctx.current.instances] if ctx.current else []
         addresses = unique_addresses(self._addresses or ctx.seeds, known)
-        results = await asyncio.gather(*(self._probe(ctx, a) for a in addresses))
+        failures: dict[Address, str] = {}
+        results = await asyncio.gather(*(self._probe(ctx, a, failures) for a in addresses))
         probed = [r for r in results if r is not None]
+        if not probed:
+            raise TopologyError("no host answered the role probe (" + "; ".join(
+                f"{address}: {error}" for address, error in failures.items()) + ")")
         primaries = [(timeline, i) for timeline, i in probed if i.role is Role.PRIMARY]
         if len(primaries) > 1:
             newest = max(primaries, key=lambda pair: pair[0])[1]
@@ -51,7 +55,7 @@ class Streaming(DiscoveryProvider):
         return Discovered(tuple(i for _, i in probed))
 
     async def _probe(
-        self, ctx: DiscoveryContext, address: Address
+        self, ctx: DiscoveryContext, address: Address, failures: dict[Address, str]
     ) -> tuple[int, Instance] | None:
         try:
             async with asyncio.timeout(self._probe_timeout):
@@ -60,6 +64,7 @@ class Streaming(DiscoveryProvider):
                 timeline = 0 if in_recovery else await conn.fetchval(_TIMELINE)
         except Exception as exc:
             ctx.discard(address)
+            failures[address] = describe_error(exc)
             logger.debug("probe of %s failed: %s", address, describe_error(exc))
             return None
         role = Role.REPLICA if in_recovery else Role.PRIMARY
