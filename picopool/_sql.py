@@ -7,38 +7,47 @@ hint comment it carries.  No I/O happens here; results are cached per query stri
 
 How it works
     One regular expression walks the text once and yields PostgreSQL's lexical tokens
-    (scan.l): ``--`` and ``/* */`` comments are dropped (nested ones via an exact slow
-    path), ``'..'``, ``E'..'``, ``U&'..'``, ``B'..'``, ``X'..'``, ``N'..'`` and
-    ``$tag$..$tag$`` literals become opaque tokens, ``"quoted identifiers"`` stay
-    names that are never keywords, ``$1`` is a parameter.  A second, linear pass over
-    the tokens tracks parenthesis depth and finds what matters for routing: the
-    statement's leading keyword, data-modifying statements in CTEs or sub-queries,
-    locking clauses, ``SELECT .. INTO``, called functions, and ``;`` separators.
-    Anything the lexer cannot close (string, comment, quoted identifier, dollar
-    quote) or unbalanced parentheses is "unparseable" and therefore a WRITE: the
-    classifier errs towards the primary, never towards a replica.  Plain strings are
-    lexed with ``standard_conforming_strings = on`` (the default since 9.1).
+    (as scan.l defines them): ``--`` and ``/* */`` comments are dropped, ``'..'``,
+    ``E'..'`` (backslash escapes), ``U&'..'``, ``B'..'``, ``X'..'``, ``N'..'`` and
+    ``$$..$$`` literals become opaque tokens, ``"quoted identifiers"`` are names that
+    are never keywords, ``$1`` is a parameter.  Texts with the rare constructs the
+    fast pattern leaves out, tagged ``$tag$..$tag$`` quotes (case-sensitive tags) and
+    nested comments, go through an exact, slower lexer.  A second, linear pass over
+    the tokens tracks parentheses and finds what matters for routing: the leading
+    keyword, INSERT/UPDATE/DELETE/MERGE starting a CTE body or sub-query, locking
+    clauses, ``SELECT .. INTO``, called functions and ``;`` separators.  Anything the
+    lexer cannot close (string, comment, quoted name, dollar quote) or unbalanced
+    parentheses is "unparseable", hence a WRITE: when unsure, the classifier picks
+    the primary, never a replica.  Plain strings are lexed as with
+    ``standard_conforming_strings = on``, the default since PostgreSQL 9.1.
 
 Why a hand-written lexer rather than pglast (libpg_query)
-    Measured on this machine (Python 3.11, pglast 8.8; see ``bench/classifier.py``),
-    per statement, uncached:
+    ``bench/classifier.py`` on this project's 2-core machine (Python 3.11, pglast 8.8
+    bundling libpg_query for PostgreSQL 18), microseconds per statement, best of 25
+    rounds:
 
-    ====================================================  =========  ========  ========
-    statement                                             this file  pglast    pglast
-                                                                     JSON+walk AST
-    ====================================================  =========  ========  ========
-    ``SELECT * FROM items WHERE id = $1``                   ~4 us     ~9 us     ~45 us
-    3-table join with a CTE (~230 chars)                   ~20 us    ~45 us    ~240 us
-    ``INSERT .. VALUES ($1, $2) RETURNING ..``              ~7 us    ~12 us     ~60 us
-    ====================================================  =========  ========  ========
+    ============================  ========  ========  ==========  ==========  ======
+    statement                     picopool  pglast    pglast C    pglast C    pglast
+                                  uncached  C parse   + JSON      + json.     AST
+                                            only      text scan   loads+walk
+    ============================  ========  ========  ==========  ==========  ======
+    point SELECT by $1                 5.0       2.4         5.3        14.3      44
+    3-table join with a CTE           22.3      12.7        22.9        69.5     221
+    INSERT .. RETURNING                8.6       3.3         4.9        18.7      57
+    UPDATE .. SET .. now()             7.8       3.0         4.9        17.1      53
+    hint + comments + string          13.8       4.7         9.0        27.4      84
+    SELECT .. FOR UPDATE               8.0       3.8         7.8        21.3      63
+    ============================  ========  ========  ==========  ==========  ======
 
-    Cached lookups cost ~0.2 us either way.  pglast's raw C parse to JSON alone is
-    about as fast as this whole classifier, but turning its output into the facts
-    above (``json.loads`` plus a tree walk) doubles the cost, its object AST is 10x
-    slower, it is a compiled dependency pinned to one server grammar version, and it
-    rejects statements that newer or older servers accept (which would send them to
-    the primary as "unparseable").  It does not win clearly, so picopool does not
-    depend on it.
+    A cached classification costs 0.09 us whichever parser filled the cache.
+    libpg_query's raw parse is about twice as fast as this lexer, but it yields JSON
+    text: getting the routing facts out of it through ``json.loads`` and a tree walk
+    costs 2-3x more than this whole module, and through (brittle) substring and
+    regex searches in the JSON text 0.6-1.05x as much.  pglast would also add a
+    compiled dependency pinned to one server grammar, under which any statement that
+    grammar rejects (newer syntax, another server's dialect) would be "unparseable"
+    and sent to the primary, and the hint and comment functions here would still need
+    this lexer.  It does not win clearly, so picopool does not depend on it.
 """
 
 from __future__ import annotations

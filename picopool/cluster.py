@@ -277,14 +277,14 @@ class LocalNode:
             f"{self.name} did not reload its configuration",
         )
 
-    def sql(self, query: str, timeout: float = 30) -> str:
+    def sql(self, query: str, timeout: float = 30, *, database: str = DATABASE) -> str:
         """Run ``query`` through psql and return its unaligned, tuples-only output."""
         psql = self.pg_bin / "psql"
         if not psql.exists():
             psql = Path(shutil.which("psql") or "psql")
         argv: list[str | Path] = [
             psql, "-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1",
-            "-h", self.host, "-p", str(self.port), "-U", SUPERUSER, "-d", DATABASE,
+            "-h", self.host, "-p", str(self.port), "-U", SUPERUSER, "-d", database,
             "-c", query,
         ]  # fmt: skip
         env = _clean_env() | {

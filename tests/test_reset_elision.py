@@ -13,19 +13,21 @@ import asyncio
 import contextlib
 import io
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 import pytest
 
 import picopool
-from picopool.cluster import LocalCluster
+from picopool.cluster import LocalCluster, LocalNode
 
 pytestmark = pytest.mark.integration
 
 PoolFactory = Callable[..., Awaitable[picopool.Pool]]
 
 S = "h6_reset"  # this module's schema on the shared cluster
+CLEAN_DB = "h6_clean"
 
 SETUP = f"""
 drop schema if exists {S} cascade;
@@ -74,24 +76,64 @@ STATE = """select current_setting('work_mem') as work_mem,
     /* {hint} */"""
 
 
+@dataclass(frozen=True)
+class Database:
+    """One database of the shared cluster, seen the way these tests use it."""
+
+    cluster: LocalCluster
+    name: str
+
+    @property
+    def dsn(self) -> str:
+        return self.cluster.dsn.rsplit("/", 1)[0] + "/" + self.name
+
+    @property
+    def primary(self) -> LocalNode:
+        return self.cluster.primary
+
+    @property
+    def replicas(self) -> list[LocalNode]:
+        return self.cluster.replicas
+
+    def sql(self, query: str) -> str:
+        return self.cluster.primary.sql(query, database=self.name)
+
+
 @pytest.fixture(scope="module")
-def shared(cluster: LocalCluster) -> Iterator[LocalCluster]:
+def shared(cluster: LocalCluster) -> Iterator[Database]:
+    """The cluster's main database, with functions, a trigger and a view that change
+    session state behind a statement's back: reset elision must turn itself off."""
     cluster.primary.sql(SETUP)
     cluster.wait_replayed()
     try:
-        yield cluster
+        yield Database(cluster, "postgres")
     finally:
         cluster.primary.sql(f"drop schema if exists {S} cascade")
 
 
-async def one_per_instance(make_pool: PoolFactory, cluster: LocalCluster,
+@pytest.fixture(scope="module")
+def clean_db(cluster: LocalCluster) -> Iterator[Database]:
+    """A database with nothing that could change session state: elision is on."""
+    cluster.primary.sql(f"drop database if exists {CLEAN_DB}")
+    cluster.primary.sql(f"create database {CLEAN_DB}")
+    database = Database(cluster, CLEAN_DB)
+    database.sql(f"create schema {S}; create table {S}.resets (n int not null); "
+                 f"insert into {S}.resets values (0); create table {S}.plain_t (id int)")
+    cluster.wait_replayed()
+    try:
+        yield database
+    finally:
+        cluster.primary.sql(f"drop database if exists {CLEAN_DB} with (force)")
+
+
+async def one_per_instance(make_pool: PoolFactory, database: Database,
                            **options: Any) -> picopool.Pool:
-    return await make_pool(cluster.dsn, min_size=1, max_size=1, health_check_interval=None,
+    return await make_pool(database.dsn, min_size=1, max_size=1, health_check_interval=None,
                            connection_class=MarkedConnection, **options)
 
 
-async def resets(cluster: LocalCluster) -> int:
-    return int(await asyncio.to_thread(cluster.primary.sql, f"select n from {S}.resets"))
+async def resets(database: Database) -> int:
+    return int(await asyncio.to_thread(database.sql, f"select n from {S}.resets"))
 
 
 async def state_on(pool: picopool.Pool, port: int) -> dict[str, Any]:
@@ -111,52 +153,52 @@ def clean(baseline: dict[str, Any]) -> dict[str, Any]:
 
 
 async def test_reset_elided_after_a_plain_select(
-    shared: LocalCluster, make_pool: PoolFactory
+    clean_db: Database, make_pool: PoolFactory
 ) -> None:
-    pool = await one_per_instance(make_pool, shared)
-    start = await resets(shared)
+    pool = await one_per_instance(make_pool, clean_db)
+    start = await resets(clean_db)
     for value in range(5):
         assert await pool.fetchval("select $1::int", value, role="primary") == value
     await pool.fetch("show work_mem", role="primary")
-    await pool.execute(f"update {S}.trig_t set id = id where false")  # DML, no functions
-    assert await resets(shared) == start  # not one reset query reached the server
+    await pool.execute(f"update {S}.plain_t set id = id where false")  # DML, no functions
+    assert await resets(clean_db) == start  # not one reset query reached the server
 
     # a statement that may leave state: the full reset
     await pool.execute("set work_mem = '1MB'")
-    assert await resets(shared) == start + 1
+    assert await resets(clean_db) == start + 1
     # acquire() always gets the full reset, even when nothing happened
     async with pool.acquire() as con:
         await con.fetchval("select 1")
-    assert await resets(shared) == start + 2
+    assert await resets(clean_db) == start + 2
     async with pool.acquire():
         pass
-    assert await resets(shared) == start + 3
+    assert await resets(clean_db) == start + 3
     async with pool.transaction() as con:
         await con.fetchval("select 1")
-    assert await resets(shared) == start + 4
+    assert await resets(clean_db) == start + 4
     con = await pool.acquire()
     await pool.release(con)
-    assert await resets(shared) == start + 5
+    assert await resets(clean_db) == start + 5
     # COPY goes through a checked-out connection: full reset
     await pool.copy_from_query("select 1", output=io.BytesIO(), role="primary")
-    assert await resets(shared) == start + 6
+    assert await resets(clean_db) == start + 6
     # a failed statement: full reset
     with pytest.raises(asyncpg.DivisionByZeroError):
         await pool.fetchval("select 1 / $1::int", 0, role="primary")
-    assert await resets(shared) == start + 7
+    assert await resets(clean_db) == start + 7
     # and elision resumes afterwards
     await pool.fetchval("select $1::int", 1, role="primary")
-    assert await resets(shared) == start + 7
+    assert await resets(clean_db) == start + 7
 
 
 async def test_elide_reset_false_always_resets(
-    shared: LocalCluster, make_pool: PoolFactory
+    clean_db: Database, make_pool: PoolFactory
 ) -> None:
-    pool = await one_per_instance(make_pool, shared, elide_reset=False)
-    start = await resets(shared)
+    pool = await one_per_instance(make_pool, clean_db, elide_reset=False)
+    start = await resets(clean_db)
     for value in range(3):
         await pool.fetchval("select $1::int", value, role="primary")
-    assert await resets(shared) == start + 3
+    assert await resets(clean_db) == start + 3
 
 
 # -- whatever the statement did, the next user gets a clean session ------------------
@@ -174,10 +216,18 @@ STATE_CHANGES = [
 ]
 
 
+@pytest.fixture(params=["clean_db", "shared"])
+def database(request: pytest.FixtureRequest) -> Database:
+    """Both: where reset elision is on (the classifier decides) and where it is off."""
+    found: Database = request.getfixturevalue(request.param)
+    return found
+
+
 @pytest.mark.parametrize("statement", STATE_CHANGES)
 async def test_next_user_on_the_primary_is_clean(
-    shared: LocalCluster, make_pool: PoolFactory, statement: str
+    database: Database, make_pool: PoolFactory, statement: str
 ) -> None:
+    shared = database
     pool = await one_per_instance(make_pool, shared)
     baseline = await state_on(pool, shared.primary.port)
     assert baseline == clean(baseline)
@@ -191,17 +241,17 @@ async def test_next_user_on_the_primary_is_clean(
 
 
 async def test_the_check_sees_a_dirty_session(
-    shared: LocalCluster, make_pool: PoolFactory
+    clean_db: Database, make_pool: PoolFactory
 ) -> None:
     """Control: with a user reset that does nothing, the state does reach the next user."""
 
     async def no_reset(connection: Any) -> None:
         return None
 
-    pool = await one_per_instance(make_pool, shared, reset=no_reset)
-    baseline = await state_on(pool, shared.primary.port)
+    pool = await one_per_instance(make_pool, clean_db, reset=no_reset)
+    baseline = await state_on(pool, clean_db.primary.port)
     await pool.execute("set work_mem = '1MB'; select pg_advisory_lock(1); listen h6_ch")
-    dirty = await state_on(pool, shared.primary.port)
+    dirty = await state_on(pool, clean_db.primary.port)
     assert dirty == {**clean(baseline), "work_mem": "1MB", "advisory_locks": 1, "channels": 1}
     async with pool.acquire() as con:  # a real reset, for whoever uses the cluster next
         await con.execute(con.get_reset_query())
@@ -214,19 +264,30 @@ async def test_the_check_sees_a_dirty_session(
     "listen h6_ch",
 ])
 async def test_state_changes_are_routed_to_the_primary(
-    shared: LocalCluster, make_pool: PoolFactory, statement: str
+    clean_db: Database, make_pool: PoolFactory, statement: str
 ) -> None:
-    pool = await one_per_instance(make_pool, shared)
-    baseline = await state_on(pool, shared.primary.port)
+    pool = await one_per_instance(make_pool, clean_db)
+    baseline = await state_on(pool, clean_db.primary.port)
     before = {s.address: s.served for s in pool.stats().instances}
     await pool.execute(statement)
     after = {s.address: s.served for s in pool.stats().instances}
-    assert [a for a in after if after[a] != before[a]] == [f"127.0.0.1:{shared.primary.port}"]
-    assert await state_on(pool, shared.primary.port) == clean(baseline)
+    assert [a for a in after if after[a] != before[a]] == [f"127.0.0.1:{clean_db.primary.port}"]
+    assert await state_on(pool, clean_db.primary.port) == clean(baseline)
+
+
+async def test_elision_turns_off_where_the_catalog_could_change_state(
+    shared: Database, make_pool: PoolFactory
+) -> None:
+    """This database has a trigger and a view that call set_config(): no elision."""
+    pool = await one_per_instance(make_pool, shared)
+    start = await resets(shared)
+    for value in range(3):
+        await pool.fetchval("select $1::int", value, role="primary")
+    assert await resets(shared) == start + 3
 
 
 async def test_user_function_on_a_replica_leaves_no_state(
-    shared: LocalCluster, make_pool: PoolFactory
+    shared: Database, make_pool: PoolFactory
 ) -> None:
     """A user function is a read (a replica runs it), but may set state: full reset."""
     pool = await one_per_instance(make_pool, shared)
@@ -239,16 +300,16 @@ async def test_user_function_on_a_replica_leaves_no_state(
 
 
 async def test_prepared_statement_does_not_survive(
-    shared: LocalCluster, make_pool: PoolFactory
+    clean_db: Database, make_pool: PoolFactory
 ) -> None:
-    pool = await one_per_instance(make_pool, shared)
-    baseline = await state_on(pool, shared.primary.port)
+    pool = await one_per_instance(make_pool, clean_db)
+    baseline = await state_on(pool, clean_db.primary.port)
     await pool.execute("prepare h6_p as select 1")
-    assert await state_on(pool, shared.primary.port) == clean(baseline)
+    assert await state_on(pool, clean_db.primary.port) == clean(baseline)
 
 
 async def test_trigger_state_change_does_not_leak(
-    shared: LocalCluster, make_pool: PoolFactory
+    shared: Database, make_pool: PoolFactory
 ) -> None:
     pool = await one_per_instance(make_pool, shared)
     baseline = await state_on(pool, shared.primary.port)
@@ -257,7 +318,7 @@ async def test_trigger_state_change_does_not_leak(
 
 
 async def test_view_state_change_does_not_leak(
-    shared: LocalCluster, make_pool: PoolFactory
+    shared: Database, make_pool: PoolFactory
 ) -> None:
     pool = await one_per_instance(make_pool, shared)
     baseline = await state_on(pool, shared.primary.port)
@@ -266,14 +327,14 @@ async def test_view_state_change_does_not_leak(
 
 
 async def test_skip_reset_does_not_hold_closed_connections(
-    shared: LocalCluster, make_pool: PoolFactory
+    clean_db: Database, make_pool: PoolFactory
 ) -> None:
     """Connections asyncpg closes instead of resetting (max_queries) leave no mark behind."""
-    pool = await one_per_instance(make_pool, shared, max_queries=2)
-    start = await resets(shared)
+    pool = await one_per_instance(make_pool, clean_db, max_queries=2)
+    start = await resets(clean_db)
     for value in range(20):
         assert await pool.fetchval("select $1::int", value, role="primary") == value
     assert not pool._skip_reset
-    assert await resets(shared) == start  # closed, never reset
+    assert await resets(clean_db) == start  # closed, never reset
     await pool.execute("set work_mem = '1MB'", role="primary")
     assert await pool.fetchval("select current_setting('work_mem')", role="primary") != "1MB"
