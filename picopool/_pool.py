@@ -831,12 +831,14 @@ class Pool:
                 "acquired from this pool"
             )
         member.served += 1
-        if connection.is_closed():  # it broke in the user's hands: the instance may be gone
+        raw = connection._con  # None once asyncpg released a lost connection itself
+        broken = raw is None or raw.is_closed()
+        if broken:  # it broke in the user's hands: the instance may be gone
             self._request_refresh()
         scope = _causal_scope.get()
         try:
             if (scope is not None or self._read_your_writes) and member.instance.role.writable \
-                    and not connection.is_closed() and not self._symmetric:
+                    and not broken and not self._symmetric:
                 await self._record_write_position(connection, scope)
         finally:
             await member.pool.release(connection, timeout=timeout)
@@ -865,10 +867,11 @@ class Pool:
                         decision, member):
                     await self._record_write_position(connection, scope)
             except (Exception, asyncio.CancelledError) as exc:
-                raw = connection._con
-                if is_connection_error(exc) or _rejected_before_sending(exc):
-                    connection.terminate()  # never hand a broken connection to the next user
-                self._deep_reset.add(raw)
+                raw = connection._con  # None once asyncpg released a lost connection itself
+                if raw is not None:
+                    if is_connection_error(exc) or _rejected_before_sending(exc):
+                        raw.terminate()  # never hand a broken connection to the next user
+                    self._deep_reset.add(raw)
                 await self._release_quietly(member, connection)
                 self._deep_reset.discard(raw)
                 if isinstance(exc, asyncio.CancelledError) or self._closing:
@@ -963,11 +966,11 @@ class Pool:
             try:
                 conn = await self._service.service_connection()
                 rows = await conn.fetch(
-                    "SELECT p.proname, bool_or(p.provolatile = 'v') FROM pg_proc p "
+                    "SELECT lower(p.proname), bool_or(p.provolatile = 'v') FROM pg_proc p "
                     "JOIN pg_namespace n ON n.oid = p.pronamespace "
-                    "WHERE p.proname = ANY($1::text[]) "
+                    "WHERE lower(p.proname) = ANY($1::text[]) "
                     "AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
-                    "GROUP BY p.proname", unknown)
+                    "GROUP BY lower(p.proname)", unknown)
             except Exception as exc:
                 logger.warning("cannot check function volatility: %s", describe_error(exc))
                 return frozenset(names)  # when in doubt, the primary
@@ -1344,7 +1347,8 @@ def create_pool(
         ) from None
     policy = RoutingPolicy(
         split=split, fallback_to_primary=fallback_to_primary,
-        write_functions=frozenset(f.lower() for f in write_functions),
+        # calls are matched by their last name part, as the classifier reports them
+        write_functions=frozenset(f.lower().rsplit(".", 1)[-1] for f in write_functions),
         router=router, rewrite=rewrite, elide_reset=elide_reset,
     )
     return Pool(
