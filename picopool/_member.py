@@ -93,9 +93,14 @@ class Member:
         return "open" if time.monotonic() < self.open_until else "half-open"
 
     def in_use(self) -> int:
+        """Connections checked out: O(1) from the sub-pool's queue of free holders
+        (asyncpg's own get_size()/get_idle_size() walk every holder)."""
         pool = self.pool
         if pool is None or not self.ready:
             return 0
+        queue = getattr(pool, "_queue", None)
+        if queue is not None:
+            return int(pool.get_max_size() - queue.qsize())
         return int(pool.get_size() - pool.get_idle_size())
 
     def idle(self) -> int:

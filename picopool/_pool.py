@@ -39,9 +39,9 @@ from ._routing import (
     RoleRequest,
     RoutingPolicy,
     decide,
-    eligible,
     parse_role,
     read_request,
+    select,
 )
 from ._service import ServiceConnections
 from ._sql import classify
@@ -126,6 +126,8 @@ _ELISION_SAFE_QUERY = r"""SELECT NOT EXISTS (
       AND p.pronamespace = 'pg_catalog'::regnamespace
       AND (p.proname = 'set_config' OR p.proname LIKE 'pg%advisory%')
 ) AND NOT EXISTS (SELECT 1 FROM pg_event_trigger)"""
+
+_DECISION_CACHE_SIZE = 4096
 
 # Error-triggered refreshes come no closer together than this.
 _MIN_REFRESH_GAP = 0.05
@@ -255,6 +257,9 @@ class Pool:
         self._acquire_errors = 0
         self._retries = 0
         self._policy = policy
+        self._decisions: dict[tuple[Any, ...], Decision] = {}
+        self._decisions_cacheable = (policy.router is None and policy.rewrite is None
+                                     and not check_function_volatility)
         self._check_volatility = check_function_volatility
         self._volatility: dict[str, bool] = {}
         self._max_lag_bytes = max_replica_lag_bytes
@@ -641,30 +646,33 @@ class Pool:
 
     def _candidates(self, request: RoleRequest, excluded: set[str],
                     only: Collection[str] | None) -> list[Candidate]:
+        """The instances that may serve *request* now, with their load (hot path)."""
         topology = self._topology
         if topology is None:
             return []
-        now = time.monotonic()
         members = self._members
-        reading = request is not RoleRequest.PRIMARY
-
-        def usable(instance: Instance) -> bool:
+        now = time.monotonic()
+        demoted = self._members_demoted
+        check_lag = request is not RoleRequest.PRIMARY and (
+            self._max_lag_bytes is not None or self._max_lag_seconds is not None)
+        usable: list[Instance] = []
+        for instance in topology.instances:
             member = members.get(instance.id)
-            if member is None or instance.id in excluded or not member.available(now):
-                return False
-            if only is not None and instance.id not in only and instance.name not in only:
-                return False
-            if instance.id in self._members_demoted and instance.role.writable:
-                return False  # refused a write as read-only; wait for the refresh
+            if member is None or member.open_until > now or instance.id in excluded:
+                continue
             if only is not None:  # named by a hint or the router: the user's call
-                return True
-            return not (reading and instance.role is Role.REPLICA and self._lagging(instance))
-
+                if instance.id not in only and instance.name not in only:
+                    continue
+            elif check_lag and instance.role is Role.REPLICA and self._lagging(instance):
+                continue
+            if demoted and instance.id in demoted and instance.role.writable:
+                continue  # refused a write as read-only; wait for the refresh
+            usable.append(instance)
         max_size = self._pool_options["max_size"]
         return [
-            Candidate(instance=i, in_use=members[i.id].in_use(), idle=members[i.id].idle(),
+            Candidate(instance=i, in_use=members[i.id].in_use(), idle=members[i.id].idle,
                       max_size=max_size)
-            for i in eligible(topology, request, usable)
+            for i in select(request, usable)
         ]
 
     def _lagging(self, instance: Instance) -> bool:
@@ -721,7 +729,7 @@ class Pool:
                 member.probing = True
             wait = None if timeout is None else max(deadline - loop.time(), 0.001)
             try:
-                pool = await member.ensure_ready()
+                pool = member.pool if member.ready else await member.ensure_ready()
                 connection = await pool.acquire(timeout=wait)
             except (Exception, asyncio.CancelledError) as exc:
                 member.probing = False
@@ -884,8 +892,14 @@ class Pool:
                 continue
             member.served += 1
             raw = connection._con
-            marks = self._skip_reset if decision.elide_reset and self._elision_safe \
-                else self._deep_reset
+            marks: set[Any] | None = None
+            if decision.elide_reset and self._elision_safe:
+                marks = self._skip_reset
+            elif decision.leaves_session_state:
+                marks = self._deep_reset
+            if marks is None:
+                await member.pool.release(connection)
+                return result
             marks.add(raw)
             try:
                 await member.pool.release(connection)
@@ -950,13 +964,25 @@ class Pool:
 
     async def _decide(self, query: str, role: str | None,
                       default: RoleRequest | None) -> Decision:
+        scoped = _route_scope.get()
+        symmetric = self._symmetric
+        key = (query, role, default, scoped, symmetric)
+        decision = self._decisions.get(key)
+        if decision is not None:
+            return decision
         explicit = default if role is None else parse_role(role, RoleRequest.PRIMARY)
         volatile: frozenset[str] = frozenset()
-        if self._check_volatility and not self._symmetric:  # peers serve everything anyway
+        if self._check_volatility and not symmetric:  # peers serve everything anyway
             volatile = await self._volatile_functions(query)
-        return decide(query, explicit=explicit, scoped=_route_scope.get(),
-                      policy=self._policy, symmetric=self._symmetric,
-                      strip_comments=self._symmetric, volatile_functions=volatile)
+        decision = decide(query, explicit=explicit, scoped=scoped, policy=self._policy,
+                          symmetric=symmetric, strip_comments=symmetric,
+                          volatile_functions=volatile)
+        # Pure in its inputs unless user hooks or the catalog take part: then no cache.
+        if self._decisions_cacheable:
+            if len(self._decisions) >= _DECISION_CACHE_SIZE:
+                self._decisions.clear()
+            self._decisions[key] = decision
+        return decision
 
     async def _volatile_functions(self, query: str) -> frozenset[str]:
         """The user functions *query* calls that pg_proc says are VOLATILE (cached)."""

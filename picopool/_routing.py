@@ -39,11 +39,15 @@ def parse_role(role: str | RoleRequest | None, default: RoleRequest) -> RoleRequ
 def eligible(
     topology: Topology, request: RoleRequest, usable: Callable[[Instance], bool]
 ) -> list[Instance]:
-    """The instances that can serve *request*, in topology order.
+    """The instances that can serve *request*, in topology order."""
+    return select(request, [i for i in topology.instances if usable(i)])
+
+
+def select(request: RoleRequest, instances: list[Instance]) -> list[Instance]:
+    """Which of the usable *instances* may serve *request*.
 
     Peers (symmetric clusters) and unprobed instances serve anything.
     """
-    instances = [i for i in topology.instances if usable(i)]
     if request is RoleRequest.ANY:
         return instances
     writable = [i for i in instances if i.role.writable]
@@ -84,7 +88,8 @@ class Decision:
     instance: str | None  # a named instance (hint or router), overriding the role
     query: str  # what to send: rewritten, hint stripped where comments are refused
     is_write: bool
-    elide_reset: bool  # the statement provably leaves no session state
+    leaves_session_state: bool  # may leave state: a full reset, prepared statements too
+    elide_reset: bool  # provably leaves no state and the policy allows skipping the reset
 
 
 def read_request(policy: RoutingPolicy, symmetric: bool) -> RoleRequest:
@@ -138,11 +143,12 @@ def decide(
         request = RoleRequest.ANY  # every peer serves everything
     if strip_comments and hint is not None:
         query = strip_hint(query)
+    leaves_state = info.leaves_session_state or bool(info.functions & write_functions)
     return Decision(
         request=request,
         instance=instance,
         query=query,
         is_write=is_write,
-        elide_reset=policy.elide_reset and not info.leaves_session_state
-        and not (info.functions & write_functions),
+        leaves_session_state=leaves_state,
+        elide_reset=policy.elide_reset and not leaves_state,
     )

@@ -1,20 +1,34 @@
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
 from .._topology import Instance
 
 
-@dataclass(frozen=True, slots=True)
 class Candidate:
-    """An instance that can serve a request, with its current load."""
+    """An instance that can serve a request, with its current load.
 
-    instance: Instance
-    in_use: int = 0  # connections checked out of its sub-pool
-    idle: int = 0  # open connections waiting in its sub-pool
-    max_size: int = 1
+    ``in_use`` (connections checked out of its sub-pool) is always there;
+    ``idle`` (open connections waiting in it) is computed only when read,
+    because counting it walks the sub-pool and most strategies never ask.
+    """
+
+    __slots__ = ("_idle", "in_use", "instance", "max_size")
+
+    def __init__(self, instance: Instance, in_use: int = 0,
+                 idle: int | Callable[[], int] = 0, max_size: int = 1) -> None:
+        self.instance = instance
+        self.in_use = in_use
+        self.max_size = max_size
+        self._idle = idle
+
+    @property
+    def idle(self) -> int:
+        return self._idle() if callable(self._idle) else self._idle
+
+    def __repr__(self) -> str:
+        return f"Candidate({self.instance.label}, in_use={self.in_use})"
 
 
 @runtime_checkable
