@@ -11,8 +11,9 @@ at concurrency 1, 8 and 32:
 * ``picopool+elide``      picopool's default, skipping the reset round trip where
                           the statement provably leaves no session state (target >= 1.6x)
 
-Rounds interleave the three so that machine noise hits them alike; the
-figure printed is the median of the rounds.
+Rounds interleave the three so that machine noise hits them alike. Each
+round gives a ratio to the asyncpg run next to it; the figure printed is the
+median of those paired ratios (and the median q/s).
 """
 
 from __future__ import annotations
@@ -65,14 +66,18 @@ async def run(seconds: float, rounds: int) -> None:
             results: dict[str, list[float]] = {name: [] for name in contenders}
             for pool in contenders.values():  # warm up
                 await throughput(pool.fetchval, concurrency, 0.3)
-            for _ in range(rounds):
-                for name, pool in contenders.items():
-                    results[name].append(await throughput(pool.fetchval, concurrency, seconds))
+            names = list(contenders)
+            for round_number in range(rounds):
+                shift = round_number % len(names)  # rotate who goes first
+                for name in names[shift:] + names[:shift]:
+                    qps = await throughput(contenders[name].fetchval, concurrency, seconds)
+                    results[name].append(qps)
             for pool in contenders.values():
                 await pool.close()
-            base = statistics.median(results["asyncpg"])
+            base = results["asyncpg"]
             line = " | ".join(
-                f"{name} {statistics.median(qps):8.0f} q/s ({statistics.median(qps) / base:.3f}x)"
+                f"{name} {statistics.median(qps):8.0f} q/s "
+                f"({statistics.median(q / b for q, b in zip(qps, base, strict=True)):.3f}x)"
                 for name, qps in results.items()
             )
             print(f"concurrency {concurrency:>2}: {line}", flush=True)
@@ -82,8 +87,8 @@ async def run(seconds: float, rounds: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seconds", type=float, default=2.0, help="per measurement")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=1.0, help="per measurement")
+    parser.add_argument("--rounds", type=int, default=15)
     args = parser.parse_args()
     asyncio.run(run(args.seconds, args.rounds))
 

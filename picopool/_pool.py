@@ -128,6 +128,8 @@ _ELISION_SAFE_QUERY = r"""SELECT NOT EXISTS (
 ) AND NOT EXISTS (SELECT 1 FROM pg_event_trigger)"""
 
 _DECISION_CACHE_SIZE = 4096
+_NOTHING_EXCLUDED: frozenset[str] = frozenset()
+_NEVER = float("inf")
 
 # Error-triggered refreshes come no closer together than this.
 _MIN_REFRESH_GAP = 0.05
@@ -240,6 +242,7 @@ class Pool:
             current=lambda: self._topology, connect_timeout=connect_timeout,
         )
         self._topology: Topology | None = None
+        self._topology_symmetric = False
         self._members: dict[str, Member] = {}
         self._checked_out: dict[Any, Member] = {}
         self._draining: set[asyncio.Task[None]] = set()
@@ -258,6 +261,10 @@ class Pool:
         self._retries = 0
         self._policy = policy
         self._decisions: dict[tuple[Any, ...], Decision] = {}
+        self._candidate_cache: dict[RoleRequest, list[Candidate]] = {}
+        self._health_epoch = 0
+        self._cache_epoch = -1
+        self._cache_valid_until = _NEVER
         self._decisions_cacheable = (policy.router is None and policy.rewrite is None
                                      and not check_function_volatility)
         self._check_volatility = check_function_volatility
@@ -426,6 +433,7 @@ class Pool:
                     await self._measure_lag(topology)
                 return topology
             finally:
+                self._health_changed()  # membership, roles and lag may all have moved
                 self._refreshed.set()
                 self._refreshed = asyncio.Event()
 
@@ -472,6 +480,7 @@ class Pool:
             and previous.symmetric == discovered.symmetric
             and previous.service_address == self._service.service_address()
         )
+        self._topology_symmetric = discovered.symmetric
         if not unchanged:
             self._topology = Topology(
                 version=(previous.version + 1) if previous else 1,
@@ -486,8 +495,7 @@ class Pool:
 
     @property
     def _symmetric(self) -> bool:
-        topology = self._topology
-        return topology is not None and topology.symmetric
+        return self._topology_symmetric
 
     async def _reset_connection(self, connection: Any) -> None:
         """The sub-pools' reset: skipped where provably unneeded (asyncpg has
@@ -644,7 +652,7 @@ class Pool:
 
     # -- choosing an instance ----------------------------------------------------------
 
-    def _candidates(self, request: RoleRequest, excluded: set[str],
+    def _candidates(self, request: RoleRequest, excluded: Collection[str],
                     only: Collection[str] | None) -> list[Candidate]:
         """The instances that may serve *request* now, with their load (hot path)."""
         topology = self._topology
@@ -670,10 +678,32 @@ class Pool:
             usable.append(instance)
         max_size = self._pool_options["max_size"]
         return [
-            Candidate(instance=i, in_use=members[i.id].in_use(), idle=members[i.id].idle,
+            Candidate(instance=i, in_use=members[i.id].in_use, idle=members[i.id].idle,
                       max_size=max_size)
             for i in select(request, usable)
         ]
+
+    def _cached_candidates(self, request: RoleRequest) -> list[Candidate]:
+        """``_candidates(request)`` reused until topology or health changes.
+
+        Every event that changes who may serve (a refresh, a failure, a demotion,
+        a recovery) bumps ``_health_epoch``; a breaker that half-opens with time
+        is caught by ``_cache_valid_until``.
+        """
+        if self._cache_epoch != self._health_epoch or \
+                time.monotonic() >= self._cache_valid_until:
+            self._candidate_cache.clear()
+            self._cache_epoch = self._health_epoch
+            self._cache_valid_until = min(
+                (m.open_until for m in self._members.values() if m.open_until), default=_NEVER)
+        candidates = self._candidate_cache.get(request)
+        if candidates is None:
+            candidates = self._candidate_cache[request] = self._candidates(
+                request, _NOTHING_EXCLUDED, None)
+        return candidates
+
+    def _health_changed(self) -> None:
+        self._health_epoch += 1
 
     def _lagging(self, instance: Instance) -> bool:
         """Whether a replica is too far behind to serve reads."""
@@ -697,6 +727,30 @@ class Pool:
         Connection-level failures here happen before any statement was sent,
         so moving to another instance (or waiting for a refresh) is always safe.
         """
+        if instance is None and only is None and not self._closing and self._initialized:
+            # The common case, kept lean: a healthy instance and a ready sub-pool.
+            candidates = self._cached_candidates(request)
+            if candidates:
+                member = self._members[self._strategy.pick(candidates).instance.id]
+                if member.failures == 0 and member.ready:
+                    try:
+                        return member, await member.pool.acquire(timeout=timeout)
+                    except (Exception, asyncio.CancelledError) as exc:
+                        if isinstance(exc, asyncio.CancelledError) or not (
+                                is_connection_error(exc)
+                                or isinstance(exc, asyncpg.InterfaceError)):
+                            raise
+                        if isinstance(exc, TimeoutError) and timeout is not None:
+                            raise  # the sub-pool is exhausted: the user's timeout
+                        self._note_failure(member, exc)  # then the careful path below
+        return await self._acquire_member_carefully(request, timeout, instance, only)
+
+    async def _acquire_member_carefully(
+        self, request: RoleRequest, timeout: float | None,
+        instance: str | None, only: Collection[str] | None,
+    ) -> tuple[Member, Any]:
+        """Try every eligible instance, half-open breakers one probe at a time, and
+        wait for the topology to change when nothing can serve."""
         self._check_open()
         if instance is not None:
             only = (instance,)
@@ -749,7 +803,9 @@ class Pool:
             member.probing = False
             if probing:
                 logger.info("instance %s is back", member.instance.label)
-            member.record_success()
+            if member.failures:
+                member.record_success()
+                self._health_changed()
             return member, connection
 
     async def _acquire_caught_up(self, request: RoleRequest, lsn: int) -> tuple[Member, Any]:
@@ -796,6 +852,7 @@ class Pool:
         self._acquire_errors += 1
         error = describe_error(exc)
         member.record_failure(error)
+        self._health_changed()
         logger.warning("instance %s failed: %s", member.instance.label, error)
         self._request_refresh()
 
@@ -855,10 +912,14 @@ class Pool:
                    kwargs: dict[str, Any], role: str | None,
                    default: RoleRequest | None = None) -> Any:
         """Route one statement, run it, and retry it where that is provably safe."""
-        decision = await self._decide(query, role, default)
+        symmetric = self._topology_symmetric
+        decision = self._decisions.get(
+            (query, role, default, _route_scope.get(), symmetric)
+        ) or await self._decide(query, role, default)
         scope = _causal_scope.get()
         causal_lsn = 0
-        if not decision.is_write and not self._symmetric and decision.instance is None \
+        if (scope is not None or self._read_your_writes) and not decision.is_write \
+                and not symmetric and decision.instance is None \
                 and decision.request is not RoleRequest.PRIMARY:
             causal_lsn = scope.lsn if scope is not None else (
                 self._pool_lsn if self._read_your_writes else 0)
@@ -870,7 +931,9 @@ class Pool:
                 member, connection = await self._acquire_member(
                     decision.request, None, instance=decision.instance)
             try:
-                result = await getattr(connection, method)(decision.query, *positional, **kwargs)
+                # The raw connection: we hold the proxy, so skip its per-call checks.
+                result = await getattr(connection._con, method)(
+                    decision.query, *positional, **kwargs)
                 if (scope is not None or self._read_your_writes) and self._may_have_written(
                         decision, member):
                     await self._record_write_position(connection, scope)
@@ -953,6 +1016,7 @@ class Pool:
     def _demoted(self, member: Member) -> None:
         """A former primary: stop writing to it at once and learn the new one."""
         self._members_demoted.add(member.instance.id)
+        self._health_changed()
         if member.pool is not None:
             self._spawn(member.pool.expire_connections())
         self._request_refresh()

@@ -9,19 +9,23 @@ from .._topology import Instance
 class Candidate:
     """An instance that can serve a request, with its current load.
 
-    ``in_use`` (connections checked out of its sub-pool) is always there;
-    ``idle`` (open connections waiting in it) is computed only when read,
-    because counting it walks the sub-pool and most strategies never ask.
+    ``in_use`` (connections checked out of its sub-pool) and ``idle`` (open
+    connections waiting in it) are read live, when a strategy asks: the pool
+    reuses candidate lists while the topology and health stay the same.
     """
 
-    __slots__ = ("_idle", "in_use", "instance", "max_size")
+    __slots__ = ("_idle", "_in_use", "instance", "max_size")
 
-    def __init__(self, instance: Instance, in_use: int = 0,
+    def __init__(self, instance: Instance, in_use: int | Callable[[], int] = 0,
                  idle: int | Callable[[], int] = 0, max_size: int = 1) -> None:
         self.instance = instance
-        self.in_use = in_use
         self.max_size = max_size
+        self._in_use = in_use
         self._idle = idle
+
+    @property
+    def in_use(self) -> int:
+        return self._in_use() if callable(self._in_use) else self._in_use
 
     @property
     def idle(self) -> int:
