@@ -186,6 +186,8 @@ class PoolStats:
     refresh_failures: int
     last_refresh_error: str | None
     acquire_errors: int
+    retries: int  # statements run again elsewhere after a provably safe failure
+    elision_safe: bool  # the catalog check allows skipping the reset
     instances: tuple[InstanceStats, ...]
     draining: int
 
@@ -528,6 +530,7 @@ class Pool:
                 conn = await self._service.service_connection()
                 return bool(await conn.fetchval(_ELISION_SAFE_QUERY))
         except Exception as exc:
+            self._service.discard()
             logger.debug("cannot check whether reset elision is safe: %s", describe_error(exc))
             return False
 
@@ -622,27 +625,36 @@ class Pool:
         """Ping idle connections so a dead one is found before a user gets it.
 
         Takes each idle connection briefly (never waiting for a busy pool) and
-        runs an empty query; asyncpg terminates one that fails on release.
+        runs ``SELECT 1`` with the connect timeout. One that fails is terminated
+        (a silent network failure would otherwise hang its release) and marks its
+        instance as failed.
         """
         for member in list(self._members.values()):
             pool = member.pool
             if pool is None or not member.ready or pool.is_closing():
                 continue
-            taken = []
+            taken: list[Any] = []  # hold them all: the sub-pool hands out LIFO
             try:
                 for _ in range(pool.get_idle_size()):
-                    connection = await pool.acquire(timeout=0.01)
-                    taken.append(connection)
-                    await connection.fetchval("SELECT 1", timeout=self._connect_timeout)
-            except (TimeoutError, asyncpg.InterfaceError):
-                pass  # the pool got busy: users are checking connections for us
-            except Exception as exc:
-                if is_connection_error(exc):
-                    self._note_failure(member, exc)
+                    try:
+                        taken.append(await pool.acquire(timeout=0.01))
+                    except (TimeoutError, asyncpg.InterfaceError):
+                        break  # the pool got busy: users are checking connections for us
+                for connection in taken:
+                    try:
+                        await connection.fetchval("SELECT 1", timeout=self._connect_timeout)
+                    except Exception as exc:
+                        if connection._con is not None:
+                            connection._con.terminate()
+                        if is_connection_error(exc):
+                            self._note_failure(member, exc)
             finally:
                 for connection in taken:
-                    self._skip_reset.add(connection._con)
+                    raw = connection._con
+                    if raw is not None and not raw.is_closed():
+                        self._skip_reset.add(raw)  # a ping leaves no session state
                     await self._release_quietly(member, connection)
+                    self._skip_reset.discard(raw)
 
     def _request_refresh(self) -> asyncio.Event:
         """Ask the poller for a refresh now; the event is set when one finishes."""
@@ -727,14 +739,16 @@ class Pool:
         Connection-level failures here happen before any statement was sent,
         so moving to another instance (or waiting for a refresh) is always safe.
         """
+        picked: Member | None = None
         if instance is None and only is None and not self._closing and self._initialized:
             # The common case, kept lean: a healthy instance and a ready sub-pool.
             candidates = self._cached_candidates(request)
             if candidates:
-                member = self._members[self._strategy.pick(candidates).instance.id]
-                if member.failures == 0 and member.ready:
+                member = picked = self._members[self._strategy.pick(candidates).instance.id]
+                if member.failures == 0:
                     try:
-                        return member, await member.pool.acquire(timeout=timeout)
+                        pool = member.pool if member.ready else await member.ensure_ready()
+                        return member, await pool.acquire(timeout=timeout)
                     except (Exception, asyncio.CancelledError) as exc:
                         if isinstance(exc, asyncio.CancelledError) or not (
                                 is_connection_error(exc)
@@ -743,11 +757,12 @@ class Pool:
                         if isinstance(exc, TimeoutError) and timeout is not None:
                             raise  # the sub-pool is exhausted: the user's timeout
                         self._note_failure(member, exc)  # then the careful path below
-        return await self._acquire_member_carefully(request, timeout, instance, only)
+                        picked = None
+        return await self._acquire_member_carefully(request, timeout, instance, only, picked)
 
     async def _acquire_member_carefully(
         self, request: RoleRequest, timeout: float | None,
-        instance: str | None, only: Collection[str] | None,
+        instance: str | None, only: Collection[str] | None, picked: Member | None = None,
     ) -> tuple[Member, Any]:
         """Try every eligible instance, half-open breakers one probe at a time, and
         wait for the topology to change when nothing can serve."""
@@ -774,7 +789,12 @@ class Pool:
                 self._check_open()
                 excluded.clear()
                 continue
-            member = self._members[self._strategy.pick(candidates).instance.id]
+            if picked is not None and any(c.instance.id == picked.instance.id
+                                          for c in candidates):
+                member = picked  # the strategy already chose it: a half-open breaker's probe
+            else:
+                member = self._members[self._strategy.pick(candidates).instance.id]
+            picked = None
             probing = member.failures > 0  # half-open: this request is the probe
             if probing:
                 if member.probing:
@@ -1318,6 +1338,8 @@ class Pool:
             refresh_failures=self._refresh_failures,
             last_refresh_error=self._last_refresh_error,
             acquire_errors=self._acquire_errors,
+            retries=self._retries,
+            elision_safe=self._elision_safe,
             instances=tuple(instances),
             draining=len(self._draining),
         )

@@ -1,0 +1,150 @@
+"""Idle health checks find a dead connection before a user is handed it.
+
+A "silent" network failure leaves idle connections looking open: nothing
+arrives, nothing closes. Only a ping notices. The proxy here forwards bytes
+until it is frozen, then swallows them in both directions without closing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+import picopool
+from picopool.cluster import LocalCluster
+from picopool.discovery import Static
+
+pytestmark = pytest.mark.integration
+
+PoolFactory = Callable[..., Awaitable[picopool.Pool]]
+
+
+class FreezingProxy:
+    """A TCP proxy that can stop forwarding without closing anything."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self._target = (host, port)
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.frozen = False
+        self.port = 0
+
+    async def start(self) -> FreezingProxy:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.ensure_future(self._serve(reader, writer))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        server_r, server_w = await asyncio.open_connection(*self._target)
+        try:
+            await asyncio.gather(self._pump(client_r, server_w), self._pump(server_r, client_w))
+        finally:
+            client_w.close()
+            server_w.close()
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            if not self.frozen:  # frozen: the bytes vanish, the socket stays open
+                writer.write(data)
+                await writer.drain()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+async def frozen_instance_pool(cluster: LocalCluster, make_pool: PoolFactory,
+                               health_check_interval: float | None
+                               ) -> tuple[picopool.Pool, FreezingProxy]:
+    proxy = await FreezingProxy(cluster.primary.host, cluster.primary.port).start()
+    pool = await make_pool(
+        f"postgres://postgres@127.0.0.1:{proxy.port}/postgres", discovery=Static(),
+        min_size=2, max_size=2, topology_refresh_interval=0.1, connect_timeout=0.5,
+        health_check_interval=health_check_interval,
+    )
+    assert pool.get_idle_size() == 2
+    proxy.frozen = True
+    return pool, proxy
+
+
+async def test_a_silently_dead_instance_is_found_without_user_traffic(
+    cluster: LocalCluster, make_pool: PoolFactory
+) -> None:
+    pool, proxy = await frozen_instance_pool(cluster, make_pool, health_check_interval=0.2)
+    try:
+        started = time.monotonic()
+        while not pool.stats().instances[0].failures:
+            assert time.monotonic() - started < 5, "the idle check never noticed"
+            await asyncio.sleep(0.05)
+        stats = pool.stats().instances[0]
+        assert stats.breaker in ("open", "half-open")
+        assert stats.last_error is not None
+        # The dead connections were dropped, not handed back for the next user.
+        assert pool.get_idle_size() < 2
+        # and the check itself never blocks the poller: refreshes keep coming
+        refreshes = pool.stats().refreshes
+        await asyncio.sleep(0.5)
+        assert pool.stats().refreshes > refreshes
+    finally:
+        pool.terminate()
+        await proxy.close()
+
+
+async def test_without_idle_checks_nothing_notices(
+    cluster: LocalCluster, make_pool: PoolFactory
+) -> None:
+    """Control: the silent failure is invisible until a user trips over it."""
+    pool, proxy = await frozen_instance_pool(cluster, make_pool, health_check_interval=None)
+    try:
+        await asyncio.sleep(1.0)
+        assert pool.stats().instances[0].failures == 0
+        assert pool.get_idle_size() == 2
+    finally:
+        pool.terminate()
+        await proxy.close()
+
+
+async def test_a_recovered_instance_gets_work_again(
+    cluster_factory: Callable[..., LocalCluster], make_pool: PoolFactory
+) -> None:
+    """The breaker opens on failures, half-opens after its backoff, and one probe that
+    succeeds closes it: the instance is back in rotation, not starved by the others."""
+    private = cluster_factory(1)
+    replica = private.replicas[0]
+    pool = await make_pool(
+        private.dsn, discovery=Static(), min_size=1, max_size=2,
+        topology_refresh_interval=None, health_check_interval=None,
+    )
+    port_query = "select inet_server_port()"
+    served = {await pool.fetchval(port_query) for _ in range(4)}
+    assert served == {private.primary.port, replica.port}  # Static: both serve reads
+
+    await asyncio.to_thread(replica.stop)
+    for _ in range(6):  # reads that reach the dead replica are retried on the primary
+        assert await pool.fetchval(port_query) == private.primary.port
+    replica_stats = stats_of(pool, replica.port)
+    assert replica_stats.failures > 0
+
+    await asyncio.to_thread(replica.start)
+    started = time.monotonic()
+    while replica.port not in {await pool.fetchval(port_query) for _ in range(4)}:
+        assert time.monotonic() - started < 20, pool.stats()
+        await asyncio.sleep(0.2)
+    replica_stats = stats_of(pool, replica.port)
+    assert replica_stats.breaker == "closed"
+
+
+def stats_of(pool: picopool.Pool, port: int) -> picopool.InstanceStats:
+    return next(s for s in pool.stats().instances if s.address.endswith(f":{port}"))
