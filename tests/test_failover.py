@@ -27,7 +27,7 @@ The asynchronous-replication scenario only reports how many acknowledged writes
 were lost: with asynchronous replication that is allowed to be more than zero.
 
 Two strict xfails reproduce library bugs deterministically (see their reasons).
-The HA scenarios need ``.ci/install-ha.sh`` (etcd, Patroni venv, pg_auto_failover).
+The HA scenarios need ``.ci/install-servers.sh`` (etcd, Patroni venv, pg_auto_failover).
 """
 
 from __future__ import annotations

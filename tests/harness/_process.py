@@ -33,7 +33,7 @@ class HarnessError(RuntimeError):
 
 
 class HarnessUnavailable(HarnessError):
-    """A program the harness needs is not installed (run ``.ci/install-ha.sh``)."""
+    """A program the harness needs is not installed (run ``.ci/install-servers.sh``)."""
 
 
 def pg_bin() -> Path:

@@ -53,7 +53,7 @@ from ._process import (
 
 __all__ = ["AutoFailoverCluster", "AutoFailoverNode", "HarnessError", "HarnessUnavailable"]
 
-INSTALL_HINT = "run .ci/install-ha.sh (as root) to install postgresql-15-auto-failover"
+INSTALL_HINT = "run .ci/install-servers.sh (as root) to install postgresql-15-auto-failover"
 FORMATION = "default"
 GROUP = 0
 MONITOR_DATABASE = "pg_auto_failover"

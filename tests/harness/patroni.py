@@ -1,7 +1,7 @@
 """A real Patroni cluster for tests: one etcd and three Patroni nodes on 127.0.0.1.
 
 Follows shared/CLUSTERS.md: etcd 3.4 from Debian, Patroni from a venv built on
-/usr/bin/python3 (``.ci/install-ha.sh``), every server run as ``postgres`` on
+/usr/bin/python3 (``.ci/install-servers.sh``), every server run as ``postgres`` on
 free loopback ports, data under a fresh temp dir. Synchronous API::
 
     cluster = PatroniCluster(synchronous_mode=True).start()   # ~10 s
@@ -62,7 +62,7 @@ from ._process import (
 __all__ = ["HarnessError", "HarnessUnavailable", "PatroniCluster", "PatroniNode"]
 
 DEFAULT_VENV = Path(os.environ.get("PICOPOOL_PATRONI_VENV", "/opt/picopool-ha/patroni-venv"))
-INSTALL_HINT = "run .ci/install-ha.sh (as root) to install etcd and the Patroni venv"
+INSTALL_HINT = "run .ci/install-servers.sh (as root) to install etcd and the Patroni venv"
 SCOPE = "demo"
 NAMESPACE = "/demo/"
 REPLICA_ROLES = frozenset({"replica", "sync_standby", "quorum_standby"})

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install what the HA integration tests need: etcd + Patroni, and pg_auto_failover.
+# Install the servers the test suite starts: PostgreSQL, etcd + Patroni, pg_auto_failover.
 #
 #   * Debian packages: etcd-server (/usr/bin/etcd) and postgresql-15-auto-failover
 #     (/usr/bin/pg_autoctl plus the monitor extension for PostgreSQL 15).
@@ -11,10 +11,10 @@ set -euo pipefail
 
 PATRONI_VENV="${PICOPOOL_PATRONI_VENV:-/opt/picopool-ha/patroni-venv}"
 PG_MAJOR="${PICOPOOL_PG_MAJOR:-15}"
-DEB_PACKAGES=(etcd-server "postgresql-${PG_MAJOR}-auto-failover" python3-venv)
+DEB_PACKAGES=("postgresql-${PG_MAJOR}" etcd-server "postgresql-${PG_MAJOR}-auto-failover" python3-venv)
 PATRONI_REQUIREMENTS=("patroni[etcd3,psycopg3]" "psycopg[binary]")
 
-log() { printf 'install-ha: %s\n' "$*" >&2; }
+log() { printf 'install-servers: %s\n' "$*" >&2; }
 
 if [[ $(id -u) -ne 0 ]]; then
     log "must run as root (installs Debian packages and writes ${PATRONI_VENV})"
