@@ -16,7 +16,8 @@ from ._errors import (
     PoolClosedError,
     TopologyError,
 )
-from ._pool import InstanceStats, Pool, PoolStats, create_pool
+from ._pool import Pool, create_pool
+from ._stats import InstanceStats, PoolStats
 from ._topology import Address, Instance, Role, Topology
 
 __all__ = [

@@ -154,3 +154,16 @@ def is_connection_error(exc: BaseException) -> bool:
         return True
     sqlstate = getattr(exc, "sqlstate", None)
     return sqlstate in {"57P01", "57P02", "57P03", "08000", "08003", "08006", "08001", "08004"}
+
+
+def rejected_before_sending(exc: BaseException) -> bool:
+    """asyncpg refused the statement locally: the server never saw it.
+
+    "connection is closed" comes from the check before sending; "cannot switch
+    to state" means the server's FATAL arrived on an idle pooled connection
+    before the socket closed, and asyncpg rejects the next statement.
+    """
+    if isinstance(exc, asyncpg.InterfaceError) and "connection is closed" in str(exc):
+        return True
+    return isinstance(exc, asyncpg.InternalClientError) and str(exc).startswith(
+        "cannot switch to state")

@@ -18,9 +18,8 @@ from collections.abc import (
     Sequence,
 )
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any
 
 import asyncpg
 
@@ -32,7 +31,7 @@ from ._errors import (
     TopologyError,
     describe_error,
 )
-from ._member import Member, is_connection_error
+from ._member import Member, is_connection_error, rejected_before_sending
 from ._routing import (
     Decision,
     ReadWriteSplit,
@@ -45,7 +44,10 @@ from ._routing import (
 )
 from ._service import ServiceConnections
 from ._sql import classify
+from ._sql_probes import DEALLOCATE_SQL_PREPARED, ELISION_SAFE_QUERY, REPLICA_LAG_QUERY
+from ._stats import InstanceStats, PoolStats
 from ._topology import Instance, Role, Topology, plan_reconcile
+from ._wal import CausalScope, format_causal_token, parse_causal_token, parse_lsn
 from .discovery import DiscoveryProvider, detect_provider
 from .strategies import BalanceStrategy, Candidate, RoundRobin
 
@@ -55,77 +57,9 @@ _route_scope: contextvars.ContextVar[RoleRequest | None] = contextvars.ContextVa
     "picopool_route", default=None)
 
 
-class _CausalScope:
-    """A read-your-writes scope: the WAL position reads must have reached."""
-
-    __slots__ = ("lsn",)
-
-    def __init__(self, lsn: int = 0) -> None:
-        self.lsn = lsn
-
-    def token(self) -> str:
-        """The position as a string to carry to a later request."""
-        return format_causal_token(self.lsn)
-
-    def __repr__(self) -> str:
-        return f"<read_your_writes {self.token()}>"
-
-
-_causal_scope: contextvars.ContextVar[_CausalScope | None] = contextvars.ContextVar(
+_causal_scope: contextvars.ContextVar[CausalScope | None] = contextvars.ContextVar(
     "picopool_causal", default=None)
 
-
-def _rejected_before_sending(exc: BaseException) -> bool:
-    """asyncpg refused the statement locally: the server never saw it.
-
-    "connection is closed" comes from the check before sending; "cannot switch
-    to state" means the server's FATAL arrived on an idle pooled connection
-    before the socket closed, and asyncpg rejects the next statement.
-    """
-    if isinstance(exc, asyncpg.InterfaceError) and "connection is closed" in str(exc):
-        return True
-    return isinstance(exc, asyncpg.InternalClientError) and str(exc).startswith(
-        "cannot switch to state")
-
-
-def parse_lsn(text: str | None) -> int:
-    """``'16/B374D848'`` -> an integer WAL position (0 for None)."""
-    if not text:
-        return 0
-    high, _, low = text.partition("/")
-    return (int(high, 16) << 32) + int(low, 16)
-
-
-def format_lsn(position: int) -> str:
-    return f"{position >> 32:X}/{position & 0xFFFFFFFF:X}"
-
-
-_TOKEN_PREFIX = "pp1:"
-_DEALLOCATE_SQL_PREPARED = """DO $picopool$ DECLARE name text; BEGIN
-FOR name IN SELECT p.name FROM pg_prepared_statements p WHERE p.from_sql LOOP
-EXECUTE format('DEALLOCATE %I', name); END LOOP; END $picopool$"""
-
-# True when nothing in the database can change session state behind a statement:
-# no user function that is not SQL/PL/pgSQL or whose body mentions anything
-# session-changing (deliberately broad: "when in doubt, reset"), no view, rule,
-# default, policy or trigger depending on set_config or an advisory lock
-# function, and no event trigger.
-_ELISION_SAFE_QUERY = r"""SELECT NOT EXISTS (
-    SELECT 1 FROM pg_proc p
-    JOIN pg_namespace n ON n.oid = p.pronamespace
-    JOIN pg_language l ON l.oid = p.prolang
-    WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
-      AND (l.lanname NOT IN ('sql', 'plpgsql')
-           OR p.prosrc ~* ('(set_config|advisory|listen|prepare|declare|execute|dblink'
-                           '|\mset\M|\mreset\M)'))
-) AND NOT EXISTS (
-    SELECT 1 FROM pg_depend d
-    JOIN pg_proc p ON d.refclassid = 'pg_proc'::regclass AND d.refobjid = p.oid
-    WHERE d.classid IN ('pg_rewrite'::regclass, 'pg_attrdef'::regclass,
-                        'pg_policy'::regclass, 'pg_trigger'::regclass)
-      AND p.pronamespace = 'pg_catalog'::regnamespace
-      AND (p.proname = 'set_config' OR p.proname LIKE 'pg%advisory%')
-) AND NOT EXISTS (SELECT 1 FROM pg_event_trigger)"""
 
 _DECISION_CACHE_SIZE = 4096
 _NOTHING_EXCLUDED: frozenset[str] = frozenset()
@@ -133,64 +67,6 @@ _NEVER = float("inf")
 
 # Error-triggered refreshes come no closer together than this.
 _MIN_REFRESH_GAP = 0.05
-
-# Seconds behind: zero when everything received is replayed (an idle primary is
-# not lag), else the age of the last replayed transaction.
-_REPLICA_LAG_QUERY = """SELECT pg_last_wal_replay_lsn()::text,
-    CASE WHEN pg_last_wal_receive_lsn() IS NULL
-              OR pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0
-         ELSE extract(epoch FROM now() - coalesce(pg_last_xact_replay_timestamp(),
-                                                 pg_postmaster_start_time())) END"""
-
-
-def format_causal_token(position: int) -> str:
-    return _TOKEN_PREFIX + format_lsn(position)
-
-
-def parse_causal_token(token: str) -> int:
-    """Read a token made by :meth:`Pool.causal_token`; garbage is a ConfigurationError."""
-    if not token.startswith(_TOKEN_PREFIX):
-        raise ConfigurationError(f"not a picopool read-your-writes token: {token[:40]!r}")
-    try:
-        return parse_lsn(token[len(_TOKEN_PREFIX):])
-    except ValueError:
-        raise ConfigurationError(f"malformed read-your-writes token: {token[:40]!r}") from None
-
-#: What ``asyncpg.create_pool`` takes besides connect kwargs; forwarded per instance.
-_POOL_OPTIONS = (
-    "init_size", "min_size", "max_size", "max_queries", "max_inactive_connection_lifetime",
-    "connect", "setup", "init", "reset", "connection_class", "record_class",
-)
-
-
-@dataclass(frozen=True, slots=True)
-class InstanceStats:
-    id: str
-    name: str | None
-    address: str
-    role: str
-    size: int
-    idle: int
-    in_use: int
-    served: int
-    failures: int
-    breaker: str
-    last_error: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class PoolStats:
-    topology_version: int
-    provider: str
-    refreshes: int
-    refresh_failures: int
-    last_refresh_error: str | None
-    acquire_errors: int
-    retries: int  # statements run again elsewhere after a provably safe failure
-    elision_safe: bool  # the catalog check allows skipping the reset
-    instances: tuple[InstanceStats, ...]
-    draining: int
-
 
 class Pool:
     """A pool of connections to every instance of a cluster.
@@ -514,7 +390,7 @@ class Pool:
             if connection in self._deep_reset:
                 # asyncpg's reset keeps SQL-level PREPAREd statements; drop them too
                 # (its own protocol-level statements have from_sql = false).
-                query = f"{query};{_DEALLOCATE_SQL_PREPARED}" if query else _DEALLOCATE_SQL_PREPARED
+                query = f"{query};{DEALLOCATE_SQL_PREPARED}" if query else DEALLOCATE_SQL_PREPARED
             if query:
                 await connection.execute(query)
 
@@ -528,7 +404,7 @@ class Pool:
         try:
             async with asyncio.timeout(self._connect_timeout):
                 conn = await self._service.service_connection()
-                return bool(await conn.fetchval(_ELISION_SAFE_QUERY))
+                return bool(await conn.fetchval(ELISION_SAFE_QUERY))
         except Exception as exc:
             self._service.discard()
             logger.debug("cannot check whether reset elision is safe: %s", describe_error(exc))
@@ -557,14 +433,14 @@ class Pool:
         replicas = topology.replicas
         rows = await asyncio.gather(
             ask(primary, "SELECT pg_current_wal_lsn()::text"),
-            *(ask(r, _REPLICA_LAG_QUERY) for r in replicas),
+            *(ask(r, REPLICA_LAG_QUERY) for r in replicas),
         )
         head = parse_lsn(rows[0][0]) if rows[0] is not None else None
         lag: dict[str, tuple[int | None, float | None]] = {}
         for replica, row in zip(replicas, rows[1:], strict=True):
             if row is None:
                 continue
-            replayed = parse_lsn(row[0])
+            replayed = parse_lsn(row[0]) or 0
             self._replay_lsn[replica.id] = max(replayed, self._replay_lsn.get(replica.id, 0))
             lag_bytes = max(0, head - replayed) if head is not None and row[0] else None
             lag[replica.id] = (lag_bytes, float(row[1]) if row[1] is not None else None)
@@ -859,7 +735,7 @@ class Pool:
         deadline = loop.time() + self._causal_wait
         while True:
             position = parse_lsn(await connection.fetchval(
-                "SELECT pg_last_wal_replay_lsn()::text"))
+                "SELECT pg_last_wal_replay_lsn()::text")) or 0
             self._replay_lsn[member.instance.id] = max(
                 position, self._replay_lsn.get(member.instance.id, 0))
             if position >= lsn:
@@ -960,7 +836,7 @@ class Pool:
             except (Exception, asyncio.CancelledError) as exc:
                 raw = connection._con  # None once asyncpg released a lost connection itself
                 if raw is not None:
-                    if is_connection_error(exc) or _rejected_before_sending(exc):
+                    if is_connection_error(exc) or rejected_before_sending(exc):
                         raw.terminate()  # never hand a broken connection to the next user
                     self._deep_reset.add(raw)
                 await self._release_quietly(member, connection)
@@ -1026,7 +902,7 @@ class Pool:
             member.last_error = describe_error(exc)
             self._demoted(member)
             return attempt < self._max_retries
-        rejected_locally = _rejected_before_sending(exc)
+        rejected_locally = rejected_before_sending(exc)
         if not (is_connection_error(exc) or rejected_locally):
             return False
         self._note_failure(member, exc)
@@ -1089,11 +965,11 @@ class Pool:
                 self._volatility[name] = found.get(name, False)
         return frozenset(n for n in names if self._volatility.get(n))
 
-    async def _record_write_position(self, connection: Any, scope: _CausalScope | None) -> None:
+    async def _record_write_position(self, connection: Any, scope: CausalScope | None) -> None:
         """Remember the primary's WAL position after a write, for read-your-writes."""
         try:
             lsn = parse_lsn(await connection.fetchval(
-                "SELECT pg_current_wal_insert_lsn()::text"))
+                "SELECT pg_current_wal_insert_lsn()::text")) or 0
         except (Exception, asyncio.CancelledError) as exc:
             if isinstance(exc, asyncio.CancelledError):
                 raise
@@ -1258,14 +1134,14 @@ class Pool:
             _route_scope.reset(token)
 
     @asynccontextmanager
-    async def read_your_writes(self, token: str | None = None) -> AsyncIterator[_CausalScope]:
+    async def read_your_writes(self, token: str | None = None) -> AsyncIterator[CausalScope]:
         """Within this scope, reads see every write made in it (and *token*'s).
 
         Reads go to a replica whose replay position has reached the last write,
         waiting up to ``causal_wait`` seconds for one, else to the primary.
         ``scope.token()`` exports the position for the next request.
         """
-        scope = _CausalScope(parse_causal_token(token) if token else 0)
+        scope = CausalScope(parse_causal_token(token) if token else 0)
         outer = _causal_scope.get()
         if outer is not None:
             scope.lsn = max(scope.lsn, outer.lsn)
@@ -1476,5 +1352,3 @@ def create_pool(
         connect_kwargs=connect_kwargs,
     )
 
-
-RoleName = Literal["primary", "replica", "any", "prefer-replica"]

@@ -11,8 +11,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from picopool import Address, ConfigurationError, Instance, Role, TopologyError
+from picopool._wal import parse_lsn
 from picopool.discovery import AutoFailover
-from picopool.discovery._autofailover import WRITABLE_STATES, parse_lsn, parse_nodes
+from picopool.discovery._autofailover import WRITABLE_STATES, parse_nodes
 
 # Every replication state pg_auto_failover 2.0 knows, plus garbage.
 STATES = sorted(WRITABLE_STATES | {

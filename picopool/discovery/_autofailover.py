@@ -18,6 +18,7 @@ import asyncpg
 from .._dsn import mask_dsn
 from .._errors import ConfigurationError, TopologyError, describe_error
 from .._topology import Address, Instance, Role, normalize_host
+from .._wal import parse_lsn
 from ._base import Discovered, DiscoveryContext, DiscoveryProvider
 
 logger = logging.getLogger("picopool.discovery")
@@ -35,17 +36,6 @@ _NODES_QUERY = (
 WRITABLE_STATES = frozenset({"single", "primary", "wait_primary", "join_primary", "apply_settings"})
 READABLE_STATE = "secondary"
 HEALTHY = 1
-_LSN = re.compile(r"([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})")
-
-
-def parse_lsn(text: object) -> int | None:
-    """``'16/B374D848'`` as a byte position, or None if it is not an LSN."""
-    if not isinstance(text, str):
-        return None
-    match = _LSN.fullmatch(text.strip())
-    if match is None:
-        return None
-    return (int(match.group(1), 16) << 32) | int(match.group(2), 16)
 
 
 def parse_nodes(nodes: object, primary_id: object = None) -> tuple[Instance, ...]:
