@@ -19,9 +19,11 @@ from ._errors import (
 from ._pool import Pool, create_pool
 from ._stats import InstanceStats, PoolStats
 from ._topology import Address, Instance, Role, Topology
+from ._wal import CausalScope
 
 __all__ = [
     "Address",
+    "CausalScope",
     "ConfigurationError",
     "Instance",
     "InstanceStats",
