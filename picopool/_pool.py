@@ -68,6 +68,7 @@ _NEVER = float("inf")
 # Error-triggered refreshes come no closer together than this.
 _MIN_REFRESH_GAP = 0.05
 
+
 class Pool:
     """A pool of connections to every instance of a cluster.
 
@@ -120,7 +121,7 @@ class Pool:
             current=lambda: self._topology, connect_timeout=connect_timeout,
         )
         self._topology: Topology | None = None
-        self._topology_symmetric = False
+        self._topology_symmetric = False  # every instance serves everything (Picodata)
         self._members: dict[str, Member] = {}
         self._checked_out: dict[Any, Member] = {}
         self._draining: set[asyncio.Task[None]] = set()
@@ -301,6 +302,8 @@ class Pool:
 
     async def refresh_topology(self) -> Topology:
         """Ask the discovery provider now and reconcile the sub-pools."""
+        if self._closing:
+            raise PoolClosedError("pool is closing")
         async with self._refresh_lock:
             try:
                 topology = await self._refresh()
@@ -370,10 +373,6 @@ class Pool:
         self._service.forget_except({i.address for i in instances})
         assert self._topology is not None
         return self._topology
-
-    @property
-    def _symmetric(self) -> bool:
-        return self._topology_symmetric
 
     async def _reset_connection(self, connection: Any) -> None:
         """The sub-pools' reset: skipped where provably unneeded (asyncpg has
@@ -799,7 +798,7 @@ class Pool:
         scope = _causal_scope.get()
         try:
             if (scope is not None or self._read_your_writes) and member.instance.role.writable \
-                    and not broken and not self._symmetric:
+                    and not broken and not self._topology_symmetric:
                 await self._record_write_position(connection, scope)
         finally:
             await member.pool.release(connection, timeout=timeout)
@@ -873,7 +872,7 @@ class Pool:
         Writes the classifier missed (a user routed them with ``role=``, a hint
         or the router) must still move the read-your-writes position.
         """
-        if self._symmetric or not member.instance.role.writable:
+        if self._topology_symmetric or not member.instance.role.writable:
             return False
         return decision.is_write or decision.request is RoleRequest.PRIMARY \
             or decision.instance is not None
@@ -894,7 +893,7 @@ class Pool:
         a demoted primary).
         """
         sqlstate = getattr(exc, "sqlstate", None)
-        if sqlstate == "25006" and member.instance.role.writable and not self._symmetric:
+        if sqlstate == "25006" and member.instance.role.writable and not self._topology_symmetric:
             logger.warning("instance %s refused a write as read-only: it was demoted, or "
                            "is not promoted yet; refreshing the topology", member.instance.label)
             # Not a breaker failure: a primary still finishing its promotion is healthy,
@@ -925,7 +924,7 @@ class Pool:
     async def _decide(self, query: str, role: str | None,
                       default: RoleRequest | None) -> Decision:
         scoped = _route_scope.get()
-        symmetric = self._symmetric
+        symmetric = self._topology_symmetric
         key = (query, role, default, scoped, symmetric)
         decision = self._decisions.get(key)
         if decision is not None:
@@ -1073,11 +1072,11 @@ class Pool:
             return parse_role(role, RoleRequest.PRIMARY)
         if scoped is not None:
             return scoped
-        return read_request(self._policy, self._symmetric)
+        return read_request(self._policy, self._topology_symmetric)
 
     def _causal_lsn(self, request: RoleRequest) -> int:
         """The WAL position a read must see, in this task's scope or pool-wide."""
-        if request is RoleRequest.PRIMARY or self._symmetric:
+        if request is RoleRequest.PRIMARY or self._topology_symmetric:
             return 0
         scope = _causal_scope.get()
         if scope is not None:
@@ -1113,7 +1112,7 @@ class Pool:
 
         ``readonly=True`` may run on a replica (per the pool's read/write split).
         """
-        default = (read_request(self._policy, self._symmetric) if readonly
+        default = (read_request(self._policy, self._topology_symmetric) if readonly
                    else RoleRequest.PRIMARY)
         request = parse_role(role, default) if role is not None else default
         connection = await self._acquire_routed(request, timeout)

@@ -138,10 +138,14 @@ class ServiceConnections:
         connections = [c for c in (self._service, *self._probes.values()) if c is not None]
         self._service = None
         self._probes.clear()
-        for connection in connections:
+        for index, connection in enumerate(connections):
             try:
                 await asyncio.shield(connection.close(timeout=2))
-            except (Exception, asyncio.CancelledError):
+            except asyncio.CancelledError:
+                for rest in connections[index:]:
+                    rest.terminate()
+                raise
+            except Exception:
                 connection.terminate()
 
     def terminate(self) -> None:
