@@ -819,6 +819,7 @@ class Pool:
             causal_lsn = scope.lsn if scope is not None else (
                 self._pool_lsn if self._read_your_writes else 0)
         attempt = 0
+        failures: list[tuple[str, str]] = []
         while True:
             if causal_lsn:
                 member, connection = await self._acquire_caught_up(decision.request, causal_lsn)
@@ -842,8 +843,14 @@ class Pool:
                 self._deep_reset.discard(raw)
                 if isinstance(exc, asyncio.CancelledError) or self._closing:
                     raise
-                if not self._should_retry(member, exc, decision, attempt):
+                if not self._safe_to_retry(member, exc, decision):
                     raise
+                failures.append((member.instance.label, describe_error(exc)))
+                if attempt >= self._max_retries:
+                    tries = attempt + 1
+                    raise NoAvailableInstanceError(
+                        f"gave up on a {'write' if decision.is_write else 'read'} after "
+                        f"{tries} attempt{'s' if tries > 1 else ''}", failures) from exc
                 attempt += 1
                 self._retries += 1
                 await asyncio.sleep(min(1.0, 0.05 * 2 ** attempt) * random.uniform(0.5, 1.5))
@@ -883,8 +890,7 @@ class Pool:
         except (Exception, asyncio.CancelledError) as exc:  # the connection is terminated
             logger.debug("release after a failure: %s", describe_error(exc))
 
-    def _should_retry(self, member: Member, exc: BaseException, decision: Decision,
-                      attempt: int) -> bool:
+    def _safe_to_retry(self, member: Member, exc: BaseException, decision: Decision) -> bool:
         """Whether a failed statement may run again elsewhere, and note what it says.
 
         Reads are retried after connection-level failures. Writes are retried only
@@ -900,13 +906,13 @@ class Pool:
             # and _members_demoted keeps writes off it until the next refresh.
             member.last_error = describe_error(exc)
             self._demoted(member)
-            return attempt < self._max_retries
+            return True
         rejected_locally = rejected_before_sending(exc)
         if not (is_connection_error(exc) or rejected_locally):
             return False
         self._note_failure(member, exc)
         not_sent = rejected_locally or sqlstate == "57P03"
-        return attempt < self._max_retries and (not decision.is_write or not_sent)
+        return not decision.is_write or not_sent
 
     def _demoted(self, member: Member) -> None:
         """A former primary: stop writing to it at once and learn the new one."""

@@ -1,0 +1,89 @@
+"""Pool-level statements are retried only where that is safe, and give up clearly."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import asyncpg
+import pytest
+
+import picopool
+from picopool.cluster import LocalCluster
+from picopool.discovery import Static
+
+pytestmark = pytest.mark.integration
+
+PoolFactory = Callable[..., Awaitable[picopool.Pool]]
+
+
+async def one_connection_pool(cluster: LocalCluster, make_pool: PoolFactory,
+                              max_retries: int) -> tuple[picopool.Pool, int]:
+    """A pool with one connection to the primary, and that connection's backend pid."""
+    pool = await make_pool(cluster.primary.dsn, discovery=Static(), min_size=1, max_size=1,
+                           max_retries=max_retries, health_check_interval=None)
+    pid: int = await pool.fetchval("select pg_backend_pid()")
+    return pool, pid
+
+
+async def kill_while_running(cluster: LocalCluster, pool: picopool.Pool, pid: int,
+                            statement: str) -> asyncio.Future[object]:
+    """Start *statement* through the pool and kill its backend while it runs."""
+    running: asyncio.Future[object] = asyncio.ensure_future(pool.fetchval(statement))
+    await asyncio.sleep(0.3)
+    killer = await asyncpg.connect(cluster.primary.dsn)
+    try:
+        assert await killer.fetchval("select pg_terminate_backend($1)", pid)
+    finally:
+        await killer.close()
+    return running
+
+
+async def test_a_read_killed_in_flight_is_retried(
+    cluster: LocalCluster, make_pool: PoolFactory
+) -> None:
+    pool, pid = await one_connection_pool(cluster, make_pool, max_retries=2)
+    running = await kill_while_running(
+        cluster, pool, pid, "select 42 from pg_sleep(0.6)")
+    assert await running == 42  # ran again on a fresh connection
+    assert pool.stats().retries == 1
+    assert await pool.fetchval("select pg_backend_pid()") != pid
+
+
+async def test_retries_give_up_with_a_clear_error(
+    cluster: LocalCluster, make_pool: PoolFactory
+) -> None:
+    pool, pid = await one_connection_pool(cluster, make_pool, max_retries=0)
+    running = await kill_while_running(cluster, pool, pid, "select 1 from pg_sleep(0.6)")
+    with pytest.raises(picopool.NoAvailableInstanceError) as raised:
+        await running
+    assert "gave up on a read after 1 attempt" in str(raised.value)
+    assert raised.value.attempts[0][0] == f"127.0.0.1:{cluster.primary.port}"
+    assert isinstance(raised.value.__cause__, asyncpg.PostgresError | asyncpg.InterfaceError)
+    assert isinstance(raised.value, asyncpg.InterfaceError)  # existing except clauses work
+    assert await pool.fetchval("select 1") == 1  # and the pool itself is fine
+
+
+async def test_a_failed_write_in_flight_is_not_retried(
+    cluster: LocalCluster, make_pool: PoolFactory
+) -> None:
+    """A write whose connection dies while it runs may have committed: never re-run."""
+    pool, _ = await one_connection_pool(cluster, make_pool, max_retries=3)
+    await pool.execute("create table if not exists retry_once (n int)")
+    await pool.execute("truncate retry_once")
+    pid = await pool.fetchval("select pg_backend_pid()", role="primary")
+    killer = await asyncpg.connect(cluster.primary.dsn)
+    try:
+        # The write sleeps, then inserts; it is killed mid-way, so it did not commit,
+        # but the pool cannot know that, and must not try again.
+        write = asyncio.ensure_future(
+            pool.execute("insert into retry_once select 1 from pg_sleep(1)"))
+        await asyncio.sleep(0.3)
+        assert await killer.fetchval("select pg_terminate_backend($1)", pid)
+        with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError, OSError)) as raised:
+            await write
+        assert not isinstance(raised.value, picopool.NoAvailableInstanceError)
+        assert await killer.fetchval("select count(*) from retry_once") == 0
+        assert pool.stats().retries == 0
+    finally:
+        await killer.close()
