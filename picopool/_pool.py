@@ -620,19 +620,21 @@ class Pool:
             candidates = self._cached_candidates(request)
             if candidates:
                 member = picked = self._members[self._strategy.pick(candidates).instance.id]
-                if member.failures == 0:
+                if member.failures == 0 and member.ready:
+                    started = time.monotonic()
                     try:
-                        pool = member.pool if member.ready else await member.ensure_ready()
-                        return member, await pool.acquire(timeout=timeout)
+                        return member, await member.pool.acquire(timeout=timeout)
                     except (Exception, asyncio.CancelledError) as exc:
                         if isinstance(exc, asyncio.CancelledError) or not (
                                 is_connection_error(exc)
                                 or isinstance(exc, asyncpg.InterfaceError)):
                             raise
-                        if isinstance(exc, TimeoutError) and timeout is not None:
-                            raise  # the sub-pool is exhausted: the user's timeout
+                        if self._exhausted(member, exc, timeout):
+                            raise  # every connection is busy: the user's timeout, as in asyncpg
                         self._note_failure(member, exc)  # then the careful path below
                         picked = None
+                        if timeout is not None:  # what is left of the caller's timeout
+                            timeout = max(0.001, timeout - (time.monotonic() - started))
         return await self._acquire_member_carefully(request, timeout, instance, only, picked)
 
     async def _acquire_member_carefully(
@@ -678,7 +680,8 @@ class Pool:
                 member.probing = True
             wait = None if timeout is None else max(deadline - loop.time(), 0.001)
             try:
-                pool = member.pool if member.ready else await member.ensure_ready()
+                pool = member.pool if member.ready else await asyncio.wait_for(
+                    member.ensure_ready(), wait)  # shielded inside: only our wait ends
                 connection = await pool.acquire(timeout=wait)
             except (Exception, asyncio.CancelledError) as exc:
                 member.probing = False
@@ -686,9 +689,8 @@ class Pool:
                     raise
                 if self._closing:
                     raise PoolClosedError("pool is closing") from exc
-                if isinstance(exc, TimeoutError) and timeout is not None and \
-                        member.pool is not None and member.ready:
-                    raise  # the sub-pool is exhausted: the user's timeout, as asyncpg has it
+                if self._exhausted(member, exc, timeout):
+                    raise  # every connection is busy: the user's timeout, as in asyncpg
                 if not is_connection_error(exc) and not isinstance(exc, asyncpg.InterfaceError):
                     raise
                 self._note_failure(member, exc)
@@ -702,6 +704,15 @@ class Pool:
                 member.record_success()
                 self._health_changed()
             return member, connection
+
+    def _exhausted(self, member: Member, exc: BaseException, timeout: float | None) -> bool:
+        """A timeout because every connection of the sub-pool is checked out.
+
+        asyncpg raises the same TimeoutError when its acquire times out while
+        connecting; that is the instance failing, not the pool being busy.
+        """
+        return (isinstance(exc, TimeoutError) and timeout is not None and member.ready
+                and member.in_use() >= self._pool_options["max_size"])
 
     async def _acquire_caught_up(self, request: RoleRequest, lsn: int) -> tuple[Member, Any]:
         """A connection to an instance that has replayed up to *lsn*.
