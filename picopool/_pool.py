@@ -577,8 +577,9 @@ class Pool:
         a recovery) bumps ``_health_epoch``; a breaker that half-opens with time
         is caught by ``_cache_valid_until``.
         """
-        if self._cache_epoch != self._health_epoch or \
-                time.monotonic() >= self._cache_valid_until:
+        if self._cache_epoch != self._health_epoch or (
+                self._cache_valid_until is not _NEVER
+                and time.monotonic() >= self._cache_valid_until):
             self._candidate_cache.clear()
             self._cache_epoch = self._health_epoch
             self._cache_valid_until = min(
