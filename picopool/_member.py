@@ -48,9 +48,6 @@ class Member:
         pool = self.pool
         return pool is not None and pool._initialized and not pool._initializing
 
-    def available(self, now: float) -> bool:
-        return now >= self.open_until
-
     async def ensure_ready(self) -> Any:
         """The initialised sub-pool, creating or re-creating it if needed."""
         if self.ready and not self.pool.is_closing():

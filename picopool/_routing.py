@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from ._errors import ConfigurationError
 from ._sql import StatementKind, classify, strip_hint
-from ._topology import Instance, Role, Topology
+from ._topology import Instance, Role
 
 
 class RoleRequest(enum.Enum):
@@ -34,13 +34,6 @@ def parse_role(role: str | RoleRequest | None, default: RoleRequest) -> RoleRequ
         raise ConfigurationError(
             f"unknown role {role!r}; expected one of {', '.join(r.value for r in RoleRequest)}"
         ) from None
-
-
-def eligible(
-    topology: Topology, request: RoleRequest, usable: Callable[[Instance], bool]
-) -> list[Instance]:
-    """The instances that can serve *request*, in topology order."""
-    return select(request, [i for i in topology.instances if usable(i)])
 
 
 def select(request: RoleRequest, instances: list[Instance]) -> list[Instance]:
