@@ -371,6 +371,9 @@ class Pool:
                 service_address=self._service.service_address(),
             )
         self._service.forget_except({i.address for i in instances})
+        # Published now, while the lag measurement may still be running: routing
+        # must see the new membership at once, not after the whole refresh.
+        self._health_changed()
         assert self._topology is not None
         return self._topology
 

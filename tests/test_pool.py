@@ -612,3 +612,34 @@ async def test_skip_reset_does_not_keep_closed_connections(cluster: LocalCluster
     for _ in range(6):
         assert await pool.fetchval("select 1", role="primary") == 1
     assert not [c for c in pool._skip_reset if c.is_closed()]
+
+
+async def test_joined_instance_is_routed_as_soon_as_it_is_in_the_topology(
+        cluster: LocalCluster, make_pool: PoolFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The topology is published before the refresh's lag measurement ends; reads
+    that see the new topology must also be able to reach the new instance."""
+    provider = Hiding()
+    pool = await make_pool(cluster.dsn, discovery=provider, topology_refresh_interval=None)
+    hidden, shown = (r.port for r in cluster.replicas)
+    provider.hidden.add(hidden)
+    await pool.refresh_topology()
+    assert await pool.fetchval(PORT_QUERY, role="replica") == shown  # candidates now cached
+
+    measuring = asyncio.Event()
+    release = asyncio.Event()
+
+    async def slow_measure(topology: picopool.Topology) -> None:
+        measuring.set()
+        await release.wait()  # a slow replica under load
+
+    monkeypatch.setattr(pool, "_measure_lag", slow_measure)
+    provider.hidden.clear()
+    refresh = asyncio.ensure_future(pool.refresh_topology())
+    try:
+        await asyncio.wait_for(measuring.wait(), 10)
+        assert hidden in topology_ports(pool, Role.REPLICA)
+        seen = {await pool.fetchval(PORT_QUERY, role="replica") for _ in range(2)}
+        assert seen == {hidden, shown}
+    finally:
+        release.set()
+        await refresh
