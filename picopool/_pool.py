@@ -100,6 +100,8 @@ class Pool:
     ) -> None:
         if topology_refresh_interval is not None and topology_refresh_interval <= 0:
             raise ConfigurationError("topology_refresh_interval must be positive or None")
+        if health_check_interval is not None and health_check_interval <= 0:
+            raise ConfigurationError("health_check_interval must be positive or None")
         if strategy is not None and not isinstance(strategy, BalanceStrategy):
             raise ConfigurationError(f"strategy {strategy!r} has no pick() method")
         min_size, max_size = pool_options["min_size"], pool_options["max_size"]
@@ -128,7 +130,8 @@ class Pool:
         self._refresh_lock = asyncio.Lock()
         self._refreshed = asyncio.Event()  # set after each refresh attempt, then replaced
         self._wakeup = asyncio.Event()
-        self._poller: asyncio.Task[None] | None = None
+        # The poller and the idle health checker: owned here, never outliving close().
+        self._background: list[asyncio.Task[None]] = []
         self._initialized = False
         self._initializing = False
         self._closing = False
@@ -157,7 +160,6 @@ class Pool:
         self._pool_lsn = 0
         self._max_retries = max_retries
         self._health_check_interval = health_check_interval
-        self._last_health_check = time.monotonic()
         self._members_demoted: set[str] = set()
         # Raw connections whose last pool-level statement provably left no session
         # state: their release skips asyncpg's reset round trip.
@@ -190,7 +192,9 @@ class Pool:
                     f"{self._provider.name} discovery found no usable instance "
                     f"(seeds: {', '.join(map(str, self._seeds))})")
             await self._warm_up()
-            self._poller = asyncio.ensure_future(self._poll())
+            self._background.append(asyncio.ensure_future(self._poll()))
+            if self._health_check_interval is not None:
+                self._background.append(asyncio.ensure_future(self._check_health()))
         except (Exception, asyncio.CancelledError):
             self.terminate()
             raise
@@ -234,7 +238,7 @@ class Pool:
             return
         self._closing = True
         try:
-            await self._stop_poller()
+            await self._stop_background()
             await self._service.aclose()
             members, self._members = list(self._members.values()), {}
             for member in members:
@@ -255,8 +259,8 @@ class Pool:
             return
         self._closing = True
         self._closed = True
-        if self._poller is not None:
-            self._poller.cancel()
+        for task in self._background:
+            task.cancel()
         for task in list(self._draining):
             task.cancel()
         for member in list(self._members.values()):
@@ -269,11 +273,11 @@ class Pool:
     def is_closing(self) -> bool:
         return self._closing
 
-    async def _stop_poller(self) -> None:
-        poller, self._poller = self._poller, None
-        if poller is not None and not poller.done():
-            poller.cancel()
-            await asyncio.gather(poller, return_exceptions=True)
+    async def _stop_background(self) -> None:
+        tasks, self._background = self._background, []
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def _drain(self, member: Member) -> None:
         async def drain() -> None:
@@ -494,45 +498,67 @@ class Pool:
                 await asyncio.sleep(min(5.0, 0.1 * 2 ** min(failures, 6)) * random.uniform(0.5, 1))
             else:
                 await asyncio.sleep(_MIN_REFRESH_GAP)
-            interval = self._health_check_interval
-            if interval is not None and time.monotonic() - self._last_health_check >= interval:
-                self._last_health_check = time.monotonic()
-                await self._check_idle_connections()
 
-    async def _check_idle_connections(self) -> None:
-        """Ping idle connections so a dead one is found before a user gets it.
+    async def _check_health(self) -> None:
+        """Every ``health_check_interval``, ping the idle connections of every instance.
+
+        A task of its own, so it runs with the poller off and a frozen instance
+        (each ping waits up to the connect timeout) never delays a refresh.
+        """
+        interval = self._health_check_interval
+        assert interval is not None
+        while not self._closing:
+            await asyncio.sleep(interval * random.uniform(0.9, 1.1))
+            members = [m for m in self._members.values() if m.ready]
+            results = await asyncio.gather(
+                *(self._check_idle_connections(m) for m in members), return_exceptions=True)
+            for member, result in zip(members, results, strict=True):
+                if isinstance(result, Exception):
+                    logger.warning("idle health check of %s failed: %s",
+                                   member.instance.label, describe_error(result))
+
+    async def _check_idle_connections(self, member: Member) -> None:
+        """Ping one instance's idle connections so a dead one is found before a user gets it.
 
         Takes each idle connection briefly (never waiting for a busy pool) and
         runs ``SELECT 1`` with the connect timeout. One that fails is terminated
         (a silent network failure would otherwise hang its release) and marks its
         instance as failed.
         """
-        for member in list(self._members.values()):
-            pool = member.pool
-            if pool is None or not member.ready or pool.is_closing():
-                continue
-            taken: list[Any] = []  # hold them all: the sub-pool hands out LIFO
-            try:
-                for _ in range(pool.get_idle_size()):
-                    try:
-                        taken.append(await pool.acquire(timeout=0.01))
-                    except (TimeoutError, asyncpg.InterfaceError):
-                        break  # the pool got busy: users are checking connections for us
-                for connection in taken:
-                    try:
-                        await connection.fetchval("SELECT 1", timeout=self._connect_timeout)
-                    except Exception as exc:
-                        if connection._con is not None:
-                            connection._con.terminate()
-                        if is_connection_error(exc):
-                            self._note_failure(member, exc)
-            finally:
-                for connection in taken:
-                    raw = connection._con
-                    if raw is not None and not raw.is_closed():
-                        self._skip_reset.add(raw)  # a ping leaves no session state
-                    await self._release_quietly(member, connection)
-                    self._skip_reset.discard(raw)
+        pool = member.pool
+        if pool is None or pool.is_closing():
+            return
+        taken: list[Any] = []  # hold them all: the sub-pool hands out LIFO
+        try:
+            for _ in range(pool.get_idle_size()):
+                try:
+                    taken.append(await pool.acquire(timeout=0.01))
+                except (TimeoutError, asyncpg.InterfaceError):
+                    break  # the pool got busy: users are checking connections for us
+            failures = await asyncio.gather(*(self._ping(c) for c in taken))
+            failure = next((f for f in failures if f is not None), None)
+            if failure is not None:
+                self._note_failure(member, failure)
+        finally:
+            for connection in taken:
+                raw = connection._con
+                if raw is not None and not raw.is_closed():
+                    self._skip_reset.add(raw)  # a ping leaves no session state
+                await self._release_quietly(member, connection)
+                self._skip_reset.discard(raw)
+
+    async def _ping(self, connection: Any) -> BaseException | None:
+        """The connection-level error a ping ran into, if any; a broken connection
+        is terminated here."""
+        try:
+            await connection.fetchval("SELECT 1", timeout=self._connect_timeout)
+        except (Exception, asyncio.CancelledError) as exc:
+            if connection._con is not None:
+                connection._con.terminate()  # cut short, it could hang its release
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return exc if is_connection_error(exc) else None
+        return None
 
     def _request_refresh(self) -> asyncio.Event:
         """Ask the poller for a refresh now; the event is set when one finishes."""
@@ -1335,6 +1361,7 @@ def create_pool(
     every read see every earlier write through this pool, waiting up to
     ``causal_wait`` seconds for a replica. ``elide_reset`` skips asyncpg's reset
     query after pool-level statements that provably leave no session state.
+    ``health_check_interval`` pings idle connections in the background (``None``: off).
     """
     if dsn is not None and not isinstance(dsn, str):
         raise ConfigurationError("dsn must be a string")

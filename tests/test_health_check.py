@@ -85,12 +85,14 @@ class FreezingProxy:
 
 
 async def frozen_instance_pool(cluster: LocalCluster, make_pool: PoolFactory,
-                               health_check_interval: float | None
+                               health_check_interval: float | None,
+                               refresh_interval: float | None = 0.1,
                                ) -> tuple[picopool.Pool, FreezingProxy]:
     proxy = await FreezingProxy(cluster.primary.host, cluster.primary.port).start()
     pool = await make_pool(
         f"postgres://postgres@127.0.0.1:{proxy.port}/postgres", discovery=Static(),
-        min_size=2, max_size=2, topology_refresh_interval=0.1, connect_timeout=0.5,
+        min_size=2, max_size=2, topology_refresh_interval=refresh_interval,
+        connect_timeout=0.5,
         health_check_interval=health_check_interval,
     )
     assert pool.get_idle_size() == 2
@@ -98,10 +100,12 @@ async def frozen_instance_pool(cluster: LocalCluster, make_pool: PoolFactory,
     return pool, proxy
 
 
+@pytest.mark.parametrize("refresh_interval", [0.1, None], ids=["poller-on", "poller-off"])
 async def test_a_silently_dead_instance_is_found_without_user_traffic(
-    cluster: LocalCluster, make_pool: PoolFactory
+    cluster: LocalCluster, make_pool: PoolFactory, refresh_interval: float | None
 ) -> None:
-    pool, proxy = await frozen_instance_pool(cluster, make_pool, health_check_interval=0.2)
+    pool, proxy = await frozen_instance_pool(cluster, make_pool, health_check_interval=0.2,
+                                             refresh_interval=refresh_interval)
     try:
         started = time.monotonic()
         while not pool.stats().instances[0].failures:
@@ -112,10 +116,14 @@ async def test_a_silently_dead_instance_is_found_without_user_traffic(
         assert stats.last_error is not None
         # The dead connections were dropped, not handed back for the next user.
         assert pool.get_idle_size() < 2
-        # and the check itself never blocks the poller: refreshes keep coming
-        refreshes = pool.stats().refreshes
-        await asyncio.sleep(0.5)
-        assert pool.stats().refreshes > refreshes
+        if refresh_interval is not None:
+            # and the check itself never blocks the poller: refreshes keep coming
+            # (each takes up to the 0.5 s connect timeout on the frozen service connection)
+            refreshes = pool.stats().refreshes
+            started = time.monotonic()
+            while pool.stats().refreshes <= refreshes:
+                assert time.monotonic() - started < 3, "the poller stalled"
+                await asyncio.sleep(0.05)
     finally:
         pool.terminate()
         await proxy.close()

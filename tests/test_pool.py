@@ -579,7 +579,8 @@ async def test_garbage_dsn_is_a_configuration_error(dsn: str) -> None:
 
 
 @pytest.mark.parametrize("options", [{"min_size": 3, "max_size": 2}, {"max_size": 0},
-                                     {"topology_refresh_interval": 0}])
+                                     {"topology_refresh_interval": 0},
+                                     {"health_check_interval": -1}])
 async def test_bad_options_are_configuration_errors(options: dict[str, Any]) -> None:
     with pytest.raises(ConfigurationError):
         await picopool.create_pool("postgres://u@h/db", **options)
