@@ -241,8 +241,8 @@ async def test_tries_the_last_good_endpoint_first() -> None:
             return httpx.Response(200, json={"not": "a cluster"})
         return httpx.Response(200, json=REAL_CLUSTER)
 
-    provider = Patroni(["http://down:8008", "http://garbage:8008", "http://up:8008"])
-    provider._client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    provider = Patroni(["http://down:8008", "http://garbage:8008", "http://up:8008"],
+                       transport=httpx.MockTransport(handler))
     try:
         found = await provider.discover(NoConnections())
         assert asked == ["down", "garbage", "up"]
@@ -252,7 +252,6 @@ async def test_tries_the_last_good_endpoint_first() -> None:
         assert asked == ["up"]
     finally:
         await provider.aclose()
-    assert provider._client is None
 
 
 async def test_http_errors_do_not_leak_the_password() -> None:
@@ -260,8 +259,7 @@ async def test_http_errors_do_not_leak_the_password() -> None:
         assert request.headers["Authorization"].startswith("Basic ")
         return httpx.Response(503, text="no leader")
 
-    provider = Patroni(["http://admin:hunter2@db:8008"])
-    provider._client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    provider = Patroni(["http://admin:hunter2@db:8008"], transport=httpx.MockTransport(handler))
     try:
         with pytest.raises(TopologyError, match="503") as raised:
             await provider.discover(NoConnections())
@@ -280,6 +278,8 @@ def test_configuration_errors(monkeypatch: pytest.MonkeyPatch) -> None:
         Patroni(["https://h:8008"], verify="/nonexistent/ca.pem")
     context = ssl.create_default_context()
     assert Patroni(["https://h:8008"], verify=context)._verify is context
+    assert isinstance(Patroni(["https://h:8008"])._verify, ssl.SSLContext)  # built once
+    assert Patroni(["https://h:8008"], verify=False)._verify is False
     assert repr(Patroni("h:8008")) == "Patroni(http://h:8008)"
     monkeypatch.setitem(sys.modules, "httpx", None)  # as if not installed
     with pytest.raises(ConfigurationError, match=r"pip install picopool\[patroni\]"):

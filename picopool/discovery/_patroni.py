@@ -168,14 +168,17 @@ def _import_httpx() -> Any:
     return httpx
 
 
-def _tls_verify(verify: bool | str | ssl.SSLContext, cert: ClientCert | None
-                ) -> bool | ssl.SSLContext:
-    """What to pass as httpx's ``verify``.
+def _tls_verify(verify: bool | str | ssl.SSLContext, cert: ClientCert | None,
+                httpx: Any) -> bool | ssl.SSLContext:
+    """What to pass as httpx's ``verify``: an SSLContext, built once, or False.
 
     Newer httpx deprecates ``verify=<path>`` and ``cert=``, so a CA path or a
     client certificate is turned into an SSLContext here (a given SSLContext
     gets the client certificate loaded into it).
     """
+    if verify is True and cert is None:
+        default: ssl.SSLContext = httpx.create_ssl_context()  # httpx's default trust store
+        return default
     if cert is None and not isinstance(verify, str):
         return verify
     try:
@@ -211,7 +214,13 @@ class Patroni(DiscoveryProvider):
 
     ``timeout`` bounds each request, ``verify``/``cert`` configure TLS (a CA
     bundle path or an SSLContext; a client certificate), ``auth`` is
-    ``(user, password)`` for HTTP basic auth. Needs ``pip install picopool[patroni]``.
+    ``(user, password)`` for HTTP basic auth, and ``transport`` an httpx
+    transport to use instead of the default one (a proxy, a mock in tests).
+    Needs ``pip install picopool[patroni]``.
+
+    Each refresh uses a fresh HTTP client: no keep-alive connection to a node
+    that may have died since, and nothing left open between refreshes, so a
+    pool's ``terminate()`` leaves no socket behind.
     """
 
     name = "patroni"
@@ -224,6 +233,7 @@ class Patroni(DiscoveryProvider):
         verify: bool | str | ssl.SSLContext = True,
         cert: ClientCert | None = None,
         auth: tuple[str, str] | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self._httpx = _import_httpx()
         if isinstance(urls, str):
@@ -235,13 +245,23 @@ class Patroni(DiscoveryProvider):
             raise ConfigurationError("timeout must be positive")
         self._urls: tuple[str, ...] = tuple(cleaned)
         self._timeout = timeout
-        self._verify = _tls_verify(verify, cert)
+        # Built once: loading a CA bundle for every refresh would cost more than the request.
+        self._verify = _tls_verify(verify, cert, self._httpx)
         self._auth = auth
-        self._client: httpx.AsyncClient | None = None
+        self._transport = transport
         self._preferred = 0  # index of the URL that answered last
 
     async def discover(self, ctx: DiscoveryContext) -> Discovered:
-        client = self._http_client()
+        async with self._httpx.AsyncClient(
+            timeout=self._timeout,
+            verify=self._verify,
+            auth=self._auth,
+            headers={"Accept": "application/json"},
+            transport=self._transport,
+        ) as client:
+            return await self._ask(client)
+
+    async def _ask(self, client: httpx.AsyncClient) -> Discovered:
         errors: list[str] = []
         count = len(self._urls)
         for step in range(count):
@@ -261,22 +281,6 @@ class Patroni(DiscoveryProvider):
             self._preferred = index
             return Discovered(instances)
         raise TopologyError(f"no Patroni REST API answered ({'; '.join(errors)})")
-
-    def _http_client(self) -> httpx.AsyncClient:
-        if self._client is None:
-            self._client = self._httpx.AsyncClient(
-                timeout=self._timeout,
-                verify=self._verify,
-                auth=self._auth,
-                headers={"Accept": "application/json"},
-            )
-        client: httpx.AsyncClient = self._client
-        return client
-
-    async def aclose(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            await client.aclose()
 
     def __repr__(self) -> str:
         return f"Patroni({', '.join(mask_url(url) for url in self._urls)})"
