@@ -1,6 +1,6 @@
 """Throughput of ``pool.fetchval('SELECT $1::int')``: picopool versus bare asyncpg.
 
-    python bench/overhead.py [--seconds 2] [--rounds 3]
+    python bench/overhead.py [--seconds 0.5] [--rounds 30]
 
 Starts one local PostgreSQL instance, then measures side by side, in one run,
 at concurrency 1, 8 and 32:
@@ -11,9 +11,13 @@ at concurrency 1, 8 and 32:
 * ``picopool+elide``      picopool's default, skipping the reset round trip where
                           the statement provably leaves no session state (target >= 1.6x)
 
-Rounds interleave the three so that machine noise hits them alike. Each
-round gives a ratio to the asyncpg run next to it; the figure printed is the
-median of those paired ratios (and the median q/s).
+Rounds interleave the three in short slices, rotating who goes first, so that
+machine noise hits them alike. Each round gives a ratio to the asyncpg slice
+next to it; the figure printed is the median of those paired ratios, with
+their interquartile range, and the median q/s. The client's CPU time per
+query (this process only, so the server's share of the two cores does not
+blur it) is printed too: it is the steadier measure of what the routing layer
+itself costs.
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ QUERY = "SELECT $1::int"
 
 
 async def throughput(fetchval: Callable[..., Awaitable[Any]], concurrency: int,
-                     seconds: float) -> float:
+                     seconds: float) -> tuple[float, float]:
+    """Queries per second, and client CPU microseconds per query."""
     done = 0
     stop_at = time.perf_counter() + seconds
 
@@ -45,9 +50,10 @@ async def throughput(fetchval: Callable[..., Awaitable[Any]], concurrency: int,
             await fetchval(QUERY, 1)
             done += 1
 
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return done / (time.perf_counter() - started)
+    cpu = time.process_time() - cpu_started
+    return done / (time.perf_counter() - started), cpu / max(done, 1) * 1e6
 
 
 async def run(seconds: float, rounds: int) -> None:
@@ -64,31 +70,36 @@ async def run(seconds: float, rounds: int) -> None:
                 dsn, discovery=Static(), min_size=size, max_size=size)
             contenders = {"asyncpg": bare, "picopool": plain, "picopool+elide": elide}
             results: dict[str, list[float]] = {name: [] for name in contenders}
+            cpu: dict[str, list[float]] = {name: [] for name in contenders}
             for pool in contenders.values():  # warm up
                 await throughput(pool.fetchval, concurrency, 0.3)
             names = list(contenders)
             for round_number in range(rounds):
                 shift = round_number % len(names)  # rotate who goes first
                 for name in names[shift:] + names[:shift]:
-                    qps = await throughput(contenders[name].fetchval, concurrency, seconds)
-                    results[name].append(qps)
+                    rate, cpu_us = await throughput(contenders[name].fetchval, concurrency,
+                                                    seconds)
+                    results[name].append(rate)
+                    cpu[name].append(cpu_us)
             for pool in contenders.values():
                 await pool.close()
-            base = results["asyncpg"]
-            line = " | ".join(
-                f"{name} {statistics.median(qps):8.0f} q/s "
-                f"({statistics.median(q / b for q, b in zip(qps, base, strict=True)):.3f}x)"
-                for name, qps in results.items()
-            )
-            print(f"concurrency {concurrency:>2}: {line}", flush=True)
+            print(f"concurrency {concurrency:>2}:", flush=True)
+            for name, qps in results.items():
+                ratios = [q / b for q, b in zip(qps, results["asyncpg"], strict=True)]
+                low, _, high = statistics.quantiles(ratios, n=4)
+                cpu_ratios = [c / b for c, b in zip(cpu[name], cpu["asyncpg"], strict=True)]
+                print(f"  {name:<15} {statistics.median(qps):7.0f} q/s  "
+                      f"ratio {statistics.median(ratios):.3f}x (IQR {low:.3f}-{high:.3f})  "
+                      f"client CPU {statistics.median(cpu[name]):5.1f} us/query "
+                      f"({statistics.median(cpu_ratios):.3f}x)", flush=True)
     finally:
         await asyncio.to_thread(cluster.stop)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seconds", type=float, default=1.0, help="per measurement")
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--seconds", type=float, default=0.5, help="per slice")
+    parser.add_argument("--rounds", type=int, default=30)
     args = parser.parse_args()
     asyncio.run(run(args.seconds, args.rounds))
 
