@@ -117,11 +117,8 @@ def _require_postgres() -> None:
 def cluster() -> Iterator[LocalCluster]:
     """The suite's shared cluster: a primary and two replicas. Do not mutate its topology."""
     _require_postgres()
-    shared = LocalCluster(replicas=2).start()
-    try:
+    with LocalCluster(replicas=2) as shared:
         yield shared
-    finally:
-        shared.stop()
 
 
 @pytest.fixture(scope="module")

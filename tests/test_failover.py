@@ -38,7 +38,7 @@ import itertools
 import json
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -215,6 +215,33 @@ async def watch_new_primary(
     return found, Timeline(t_kill, t_visible, t_writable, t_direct)
 
 
+async def fail_over_under_load(
+    pool: picopool.Pool,
+    fail_over: Callable[[], Awaitable[tuple[T, Timeline]]],
+    *,
+    timeout: float,
+    readers: int = 2,
+    warmup_writes: int = 50,
+    settle: float = 1.0,
+) -> tuple[T, Timeline, LoadReport]:
+    """Run a :class:`MixedLoad` through *pool*, call *fail_over* once writes flow, and stop
+    the load *settle* s after writes resumed; return *fail_over*'s result and the report.
+
+    Writes must flow within *timeout* s and resume within twice that after the new
+    primary was visible; the load runs 4 * *timeout* s at most.
+    """
+    load = MixedLoad(pool, writers=4, readers=readers, max_duration=4 * timeout).start()
+    try:
+        await load.wait_for_write_after(load.report.started, timeout, count=warmup_writes)
+        await asyncio.sleep(1.0)
+        new, timeline = await fail_over()
+        await load.wait_for_write_after(timeline.visible, 2 * timeout, count=20)
+        await asyncio.sleep(settle)
+    finally:
+        report = await load.stop()
+    return new, timeline, report
+
+
 async def check_failover(
     scenario: str,
     *,
@@ -340,15 +367,9 @@ async def test_streaming_sync_failover_under_load(
     cluster = start_local(cluster_factory, synchronous=True)
     pool = await make_pool(cluster.dsn, **FAILOVER_POOL)  # discovery auto-detected
     assert pool.stats().provider == "streaming"
-    load = MixedLoad(pool, writers=4, readers=2, max_duration=40).start()
-    try:
-        await load.wait_for_write_after(load.report.started, 10, count=50)
-        await asyncio.sleep(1.0)
-        new, timeline = await kill_and_promote(cluster)
-        await load.wait_for_write_after(timeline.visible, 20, count=20)
-        await asyncio.sleep(1.0)
-    finally:
-        report = await load.stop()
+    new, timeline, report = await fail_over_under_load(
+        pool, lambda: kill_and_promote(cluster), timeout=10
+    )
     await check_failover(
         "streaming-sync-kill-primary",
         provider="streaming",
@@ -371,15 +392,14 @@ async def test_streaming_async_failover_reports_lost_writes(
         cluster_factory, synchronous=False, settings={"synchronous_commit": local_commit}
     )
     pool = await make_pool(cluster.dsn, **FAILOVER_POOL)
-    load = MixedLoad(pool, writers=4, readers=0, max_duration=40).start()
-    try:
-        await load.wait_for_write_after(load.report.started, 10, count=200)
-        await asyncio.sleep(1.0)
-        new, timeline = await kill_and_promote(cluster)
-        await load.wait_for_write_after(timeline.visible, 20, count=20)
-        await asyncio.sleep(0.5)
-    finally:
-        report = await load.stop()
+    new, timeline, report = await fail_over_under_load(
+        pool,
+        lambda: kill_and_promote(cluster),
+        timeout=10,
+        readers=0,
+        warmup_writes=200,
+        settle=0.5,
+    )
     await check_failover(
         f"streaming-async-kill-primary (synchronous_commit={local_commit})",
         provider="streaming",
@@ -632,16 +652,20 @@ async def test_no_retry_inside_acquire(
 # -- Patroni + etcd --------------------------------------------------------------------
 
 
-@pytest.fixture
-def patroni(request: pytest.FixtureRequest) -> Iterator[PatroniCluster]:
-    """The session's Patroni cluster (conftest's ``patroni_cluster``: 3 nodes,
-    synchronous_mode), healthy; skipped if the HA tools are not installed."""
+def healthy_or_skip(request: pytest.FixtureRequest, fixture: str) -> Any:
+    """The value of the conftest's *fixture* (a healthy HA cluster shared by the session);
+    skipped if the HA tools are not installed."""
     try:
-        cluster: PatroniCluster = request.getfixturevalue("patroni_cluster")
+        return request.getfixturevalue(fixture)
     except HarnessUnavailable as exc:
-        pytest.skip(f"Patroni harness unavailable: {exc}")
-    cluster.ensure_healthy()
-    yield cluster
+        pytest.skip(f"{fixture}: HA harness unavailable: {exc}")
+
+
+@pytest.fixture
+def patroni(request: pytest.FixtureRequest) -> PatroniCluster:
+    """The session's Patroni cluster: 3 nodes, synchronous_mode."""
+    cluster: PatroniCluster = healthy_or_skip(request, "patroni_healthy")
+    return cluster
 
 
 def patroni_leader_running(cluster: PatroniCluster, old: str) -> str | None:
@@ -657,43 +681,45 @@ def patroni_leader_running(cluster: PatroniCluster, old: str) -> str | None:
 
 
 async def patroni_failover(
-    pool: picopool.Pool,
+    make_pool: PoolFactory,
     cluster: PatroniCluster,
     scenario: str,
     fault: Callable[[], Any],
-    old: str,
     *,
     fault_kills: bool,
-) -> tuple[str, LoadReport]:
-    fault_finished: list[float] = []
+) -> str:
+    """Cause *fault* under load through a Patroni pool and check the failover, which must
+    promote the sync standby; return the old leader's name."""
+    pool = await make_pool(
+        cluster.dsn, **{**FAILOVER_POOL, "discovery": Patroni(urls=cluster.rest_urls)}
+    )
+    await pool.execute(CREATE_TABLE)
+    old = cluster.leader_name()
+    sync = cluster.sync_standby_name()
+    assert old is not None and sync is not None
 
-    def run_fault() -> None:
+    def run_fault() -> float:
         fault()
-        fault_finished.append(time.monotonic())
+        return time.monotonic()
 
-    load = MixedLoad(pool, writers=4, readers=2, max_duration=60).start()
-    fault_done: asyncio.Future[Any] | None = None
-    try:
-        await load.wait_for_write_after(load.report.started, 15, count=50)
-        await asyncio.sleep(1.0)
+    async def visible() -> str | None:
+        return await asyncio.to_thread(patroni_leader_running, cluster, old)
+
+    async def fail_over() -> tuple[str, Timeline]:
         t_kill = time.monotonic()
         fault_done = asyncio.ensure_future(asyncio.to_thread(run_fault))
-
-        async def visible() -> str | None:
-            return await asyncio.to_thread(patroni_leader_running, cluster, old)
-
-        new, timeline = await watch_new_primary(
-            visible, lambda name: cluster.node(name).dsn, "a new Patroni leader", t_kill
-        )
-        node = cluster.node(new)
-        await load.wait_for_write_after(timeline.visible, 30, count=20)
-        await fault_done
-        timeline.killed = fault_finished[0] if fault_kills else None
-        await asyncio.sleep(1.0)
-    finally:
-        report = await load.stop()
-        if fault_done is not None:  # a thread cannot be cancelled: wait for it
+        try:
+            new, timeline = await watch_new_primary(
+                visible, lambda name: cluster.node(name).dsn, "a new Patroni leader", t_kill
+            )
+            fault_finished = await fault_done
+        finally:  # a thread cannot be cancelled: wait for it
             await asyncio.gather(fault_done, return_exceptions=True)
+        timeline.killed = fault_finished if fault_kills else None
+        return new, timeline
+
+    new, timeline, report = await fail_over_under_load(pool, fail_over, timeout=15)
+    node = cluster.node(new)
     await check_failover(
         scenario,
         provider="patroni",
@@ -705,22 +731,15 @@ async def patroni_failover(
     )
     await wait_pool_primary(pool, f"127.0.0.1:{node.pg_port}")
     await write_once_more(pool, node.dsn)
-    return new, report
+    assert new == sync, "synchronous_mode must promote the sync standby"
+    return old
 
 
 @pytest.mark.ha
 async def test_patroni_kill_leader(patroni: PatroniCluster, make_pool: PoolFactory) -> None:
-    pool = await make_pool(
-        patroni.dsn, **{**FAILOVER_POOL, "discovery": Patroni(urls=patroni.rest_urls)}
+    old = await patroni_failover(
+        make_pool, patroni, "patroni-kill-leader", patroni.kill_leader, fault_kills=True
     )
-    await pool.execute(CREATE_TABLE)
-    old = patroni.leader_name()
-    sync = patroni.sync_standby_name()
-    assert old is not None and sync is not None
-    new, _ = await patroni_failover(
-        pool, patroni, "patroni-kill-leader", patroni.kill_leader, old, fault_kills=True
-    )
-    assert new == sync, "synchronous_mode must promote the sync standby"
     started = time.monotonic()
     await asyncio.to_thread(patroni.restart_node, old)
     await asyncio.to_thread(patroni.wait_replicas_streaming)
@@ -729,32 +748,19 @@ async def test_patroni_kill_leader(patroni: PatroniCluster, make_pool: PoolFacto
 
 @pytest.mark.ha
 async def test_patroni_switchover(patroni: PatroniCluster, make_pool: PoolFactory) -> None:
-    pool = await make_pool(
-        patroni.dsn, **{**FAILOVER_POOL, "discovery": Patroni(urls=patroni.rest_urls)}
+    await patroni_failover(
+        make_pool, patroni, "patroni-switchover", patroni.switchover, fault_kills=False
     )
-    await pool.execute(CREATE_TABLE)
-    old = patroni.leader_name()
-    sync = patroni.sync_standby_name()
-    assert old is not None and sync is not None
-    new, _ = await patroni_failover(
-        pool, patroni, "patroni-switchover", patroni.switchover, old, fault_kills=False
-    )
-    assert new == sync
 
 
 # -- pg_auto_failover ------------------------------------------------------------------
 
 
 @pytest.fixture
-def autofailover(request: pytest.FixtureRequest) -> Iterator[AutoFailoverCluster]:
-    """The session's pg_auto_failover formation (conftest's ``autofailover_cluster``),
-    healthy; skipped if the HA tools are not installed."""
-    try:
-        cluster: AutoFailoverCluster = request.getfixturevalue("autofailover_cluster")
-    except HarnessUnavailable as exc:
-        pytest.skip(f"pg_auto_failover harness unavailable: {exc}")
-    cluster.ensure_healthy()
-    yield cluster
+def autofailover(request: pytest.FixtureRequest) -> AutoFailoverCluster:
+    """The session's pg_auto_failover formation: a monitor and 3 nodes."""
+    cluster: AutoFailoverCluster = healthy_or_skip(request, "autofailover_healthy")
+    return cluster
 
 
 @pytest.mark.ha
@@ -769,18 +775,15 @@ async def test_autofailover_kill_primary(
     old = cluster.primary_node()
     sync_names = cluster.sql(old.name, "SHOW synchronous_standby_names")
     assert sync_names, "pg_auto_failover should replicate synchronously with two secondaries"
-    load = MixedLoad(pool, writers=4, readers=2, max_duration=60).start()
-    try:
-        await load.wait_for_write_after(load.report.started, 15, count=50)
-        await asyncio.sleep(1.0)
+
+    async def visible() -> str | None:
+        name = await asyncio.to_thread(cluster.primary_name)
+        return name if name is not None and name != old.name else None
+
+    async def kill_primary() -> tuple[str, Timeline]:
         t_kill = time.monotonic()
         await asyncio.to_thread(cluster.kill_primary)
         t_killed = time.monotonic()
-
-        async def visible() -> str | None:
-            name = await asyncio.to_thread(cluster.primary_name)
-            return name if name is not None and name != old.name else None
-
         new_name, timeline = await watch_new_primary(
             visible,
             lambda name: cluster.node(name).dsn,
@@ -789,11 +792,10 @@ async def test_autofailover_kill_primary(
             interval=0.05,
         )
         timeline.killed = t_killed
-        new = cluster.node(new_name)
-        await load.wait_for_write_after(timeline.visible, 30, count=20)
-        await asyncio.sleep(1.0)
-    finally:
-        report = await load.stop()
+        return new_name, timeline
+
+    new_name, timeline, report = await fail_over_under_load(pool, kill_primary, timeout=15)
+    new = cluster.node(new_name)
     await check_failover(
         "pg_auto_failover-kill-primary",
         provider="pg_auto_failover",

@@ -8,8 +8,9 @@ restart whatever a previous test killed before handing a cluster over.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 from harness.autofailover import AutoFailoverCluster
@@ -45,18 +46,45 @@ def wait_until(condition: Callable[[], bool], timeout: float = 10) -> None:
         time.sleep(0.1)
 
 
-async def check_pool_closes_cleanly(pool: picopool.Pool, count_sessions: Callable[[], int]
-                                    ) -> None:
-    """After close(): no background task left here, no session left on the servers."""
+@contextlib.asynccontextmanager
+async def checked_pool(cluster: PatroniCluster | AutoFailoverCluster,
+                       provider: DiscoveryProvider) -> AsyncIterator[picopool.Pool]:
+    """A small pool over *cluster*, closed at the end of the block; then no background
+    task may be left here, nor any of its sessions on the servers."""
+    pool = await picopool.create_pool(
+        cluster.dsn, discovery=provider, min_size=1, max_size=2,
+        server_settings={"application_name": APPLICATION},
+    )
+    try:
+        yield pool
+    except BaseException:
+        pool.terminate()
+        raise
     await pool.close()
     leftovers = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
     assert leftovers == []
+    query = f"select count(*) from pg_stat_activity where application_name = '{APPLICATION}'"
+
+    def no_sessions() -> bool:
+        return sum(int(cluster.sql(name, query)) for name in cluster.nodes) == 0
+
     # A backend exits a moment after its client hangs up.
-    await asyncio.to_thread(wait_until, lambda: count_sessions() == 0, 10)
+    await asyncio.to_thread(wait_until, no_sessions, 10)
 
 
-def sessions_query() -> str:
-    return f"select count(*) from pg_stat_activity where application_name = '{APPLICATION}'"
+def primaries(instances: dict[str, Instance]) -> list[str]:
+    return [name for name, role in roles(instances).items() if role is Role.PRIMARY]
+
+
+def check_reported(instances: dict[str, Instance], primary: str | None,
+                   ports: dict[str, int]) -> None:
+    """Every node (name: port) is reported, *primary* as the only primary; only replicas lag."""
+    assert roles(instances) == {
+        name: Role.PRIMARY if name == primary else Role.REPLICA for name in ports
+    }
+    for name, instance in instances.items():
+        assert instance.address.port == ports[name]
+        assert instance.lag_bytes is None if name == primary else instance.lag_bytes is not None
 
 
 # -- Patroni ------------------------------------------------------------------------
@@ -68,13 +96,8 @@ async def test_patroni_reports_the_leader_as_the_only_primary(
     cluster = patroni_healthy
     leader = cluster.leader_name()
     instances = await discover(Patroni(cluster.rest_urls))
-    assert roles(instances) == {
-        name: Role.PRIMARY if name == leader else Role.REPLICA for name in cluster.nodes
-    }
-    for name, instance in instances.items():
-        assert instance.address.port == cluster.node(name).pg_port
-        assert instance.name == name
-        assert instance.lag_bytes is None if name == leader else instance.lag_bytes is not None
+    check_reported(instances, leader, {n.name: n.pg_port for n in cluster.nodes.values()})
+    assert all(instance.name == name for name, instance in instances.items())
     sync = [i for i in instances.values() if ("patroni_role", "sync_standby") in i.attributes]
     assert len(sync) == 1  # synchronous_mode
 
@@ -91,25 +114,12 @@ async def test_patroni_endpoints_that_are_down_are_skipped(
 async def test_patroni_pool_sends_queries_to_the_leader(patroni_healthy: PatroniCluster) -> None:
     cluster = patroni_healthy
     leader = cluster.node(cluster.wait_leader())
-    provider = Patroni(cluster.rest_urls)
-    pool = await picopool.create_pool(
-        cluster.dsn, discovery=provider, min_size=1, max_size=2,
-        server_settings={"application_name": APPLICATION},
-    )
-    try:
+    async with checked_pool(cluster, Patroni(cluster.rest_urls)) as pool:
         # Reads go to replicas by default (read_write_split), so name the role.
         assert await pool.fetchval("select inet_server_port()", role="primary") == leader.pg_port
         assert await pool.fetchval("select pg_is_in_recovery()", role="primary") is False
         replica_ports = {n.pg_port for n in cluster.nodes.values()} - {leader.pg_port}
         assert await pool.fetchval("select inet_server_port()", role="replica") in replica_ports
-    except BaseException:
-        pool.terminate()
-        raise
-
-    def sessions() -> int:
-        return sum(int(cluster.sql(name, sessions_query())) for name in cluster.nodes)
-
-    await check_pool_closes_cleanly(pool, sessions)
 
 
 async def test_patroni_switchover_is_reported(patroni_healthy: PatroniCluster) -> None:
@@ -118,7 +128,7 @@ async def test_patroni_switchover_is_reported(patroni_healthy: PatroniCluster) -
     new = await asyncio.to_thread(cluster.switchover)  # to the sync standby
     assert new != old
     instances = await discover(Patroni(cluster.rest_urls))
-    assert [name for name, role in roles(instances).items() if role is Role.PRIMARY] == [new]
+    assert primaries(instances) == [new]
     assert instances[str(old)].role is Role.REPLICA
 
 
@@ -129,7 +139,7 @@ async def test_patroni_killed_leader_is_replaced(patroni_healthy: PatroniCluster
     assert new != old
     instances = await discover(Patroni(cluster.rest_urls))
     # The dead node's member key outlives it by up to ttl, so it may still be listed.
-    assert [name for name, role in roles(instances).items() if role is Role.PRIMARY] == [new]
+    assert primaries(instances) == [new]
     await asyncio.to_thread(cluster.restart_node, old)
     instances = await discover(Patroni(cluster.rest_urls))
     assert instances[old].role is Role.REPLICA
@@ -144,12 +154,7 @@ async def test_autofailover_reports_the_primary_and_secondaries(
     cluster = autofailover_healthy
     primary = cluster.primary_node().name
     instances = await discover(AutoFailover(cluster.monitor_dsn))
-    assert roles(instances) == {
-        name: Role.PRIMARY if name == primary else Role.REPLICA for name in cluster.nodes
-    }
-    for name, instance in instances.items():
-        assert instance.address.port == cluster.node(name).port
-        assert instance.lag_bytes is None if name == primary else instance.lag_bytes is not None
+    check_reported(instances, primary, {n.name: n.port for n in cluster.nodes.values()})
 
 
 async def test_autofailover_pool_sends_queries_to_the_primary(
@@ -158,24 +163,12 @@ async def test_autofailover_pool_sends_queries_to_the_primary(
     cluster = autofailover_healthy
     primary = cluster.primary_node()
     provider = AutoFailover(cluster.monitor_dsn)
-    pool = await picopool.create_pool(
-        cluster.dsn, discovery=provider, min_size=1, max_size=2,
-        server_settings={"application_name": APPLICATION},
-    )
-    try:
+    async with checked_pool(cluster, provider) as pool:
         assert await pool.fetchval("select inet_server_port()", role="primary") == primary.port
         replica_ports = {n.port for n in cluster.nodes.values()} - {primary.port}
         assert await pool.fetchval("select inet_server_port()", role="replica") in replica_ports
         monitor_connection = provider._connection
         assert monitor_connection is not None
-    except BaseException:
-        pool.terminate()
-        raise
-
-    def sessions() -> int:
-        return sum(int(cluster.sql(name, sessions_query())) for name in cluster.nodes)
-
-    await check_pool_closes_cleanly(pool, sessions)
     assert provider._connection is None and monitor_connection.is_closed()
 
 
@@ -206,7 +199,7 @@ async def test_autofailover_switchover_is_reported(
     new = (await asyncio.to_thread(cluster.switchover)).name
     assert new != old
     instances = await discover(AutoFailover(cluster.monitor_dsn))
-    assert [name for name, role in roles(instances).items() if role is Role.PRIMARY] == [new]
+    assert primaries(instances) == [new]
 
 
 async def test_autofailover_killed_primary_is_replaced(
@@ -216,7 +209,7 @@ async def test_autofailover_killed_primary_is_replaced(
     old = await asyncio.to_thread(cluster.kill_primary)
     new = await asyncio.to_thread(cluster.wait_new_primary, old, 60)
     instances = await discover(AutoFailover(cluster.monitor_dsn))
-    assert [name for name, role in roles(instances).items() if role is Role.PRIMARY] == [new.name]
+    assert primaries(instances) == [new.name]
     assert old.name not in instances  # unhealthy and being demoted: not even a replica
     await asyncio.to_thread(cluster.restart_node, old.name)
     instances = await discover(AutoFailover(cluster.monitor_dsn))

@@ -28,6 +28,7 @@ ClusterFactory = Callable[..., LocalCluster]
 
 APPLY_DELAY = "500ms"
 READ = "select count(*), inet_server_port() from t where id = $1"
+COUNT = "select count(*) from t where id = $1"
 _ids = itertools.count(1)
 
 
@@ -167,7 +168,7 @@ async def test_token_carries_the_position_to_a_fresh_scope_and_pool(
         assert token.startswith("pp1:") and token != "pp1:0/0"
         async with reader.read_your_writes(token=token) as fresh:
             assert fresh.token() == token
-            assert await reader.fetchval("select count(*) from t where id = $1", new_id) == 1
+            assert await reader.fetchval(COUNT, new_id) == 1
     # the token's position is not a write of the fresh scope's own, but it is kept
     async with reader.read_your_writes(token=token) as fresh:
         await reader.fetchval("select 1")
@@ -181,7 +182,7 @@ async def test_nested_scopes_share_positions(delayed: LocalCluster, make_pool: P
         async with pool.read_your_writes() as inner:
             await pool.execute("insert into t values ($1)", new_id)
         assert outer.token() == inner.token() != "pp1:0/0"
-        assert await pool.fetchval("select count(*) from t where id = $1", new_id) == 1
+        assert await pool.fetchval(COUNT, new_id) == 1
 
 
 @pytest.mark.parametrize("token", ["garbage", "pp1:zz/zz", "pp1:16", "pp1:1/2/3", "pp2:0/16",
@@ -242,7 +243,7 @@ async def test_other_write_paths_are_tracked(delayed: LocalCluster, make_pool: P
         await pool.executemany("insert into t values ($1)", [(ids[2],)])
         await pool.copy_records_to_table("t", records=[(ids[3],)])
         for new_id in ids:
-            assert await pool.fetchval("select count(*) from t where id = $1", new_id) == 1
+            assert await pool.fetchval(COUNT, new_id) == 1
 
 
 # -- bugs ----------------------------------------------------------------------------
@@ -263,34 +264,43 @@ async def test_busy_replica_sub_pool_does_not_fail_causal_reads(
     assert tally.misses == 0
 
 
-async def test_write_forced_to_the_primary_is_seen(
-    delayed: LocalCluster, make_pool: PoolFactory
+async def insert(pool: picopool.Pool, new_id: int) -> None:
+    await pool.execute("insert into t values ($1)", new_id)
+
+
+async def insert_forced_to_the_primary(pool: picopool.Pool, new_id: int) -> None:
+    """A write hidden in a function (the classifier sees a read), sent with ``role="primary"``."""
+    await pool.fetchval("select undeclared_writer($1)", new_id, role="primary")
+
+
+async def count(pool: picopool.Pool, new_id: int) -> object:
+    return await pool.fetchval(COUNT, new_id)
+
+
+async def count_by_copy_out(pool: picopool.Pool, new_id: int) -> object:
+    out = io.BytesIO()
+    await pool.copy_from_query(COUNT, new_id, output=out)
+    return out.getvalue()
+
+
+async def count_in_readonly_transaction(pool: picopool.Pool, new_id: int) -> object:
+    async with pool.transaction(readonly=True) as con:
+        return await con.fetchval(COUNT, new_id)
+
+
+Step = Callable[[picopool.Pool, int], Awaitable[object]]
+
+
+@pytest.mark.parametrize(("write", "read", "expected"), [
+    pytest.param(insert_forced_to_the_primary, count, 1, id="write-forced-to-the-primary"),
+    pytest.param(insert, count_by_copy_out, b"1\n", id="copy-out"),
+    pytest.param(insert, count_in_readonly_transaction, 1, id="readonly-transaction"),
+])
+async def test_read_in_scope_sees_the_write(
+    delayed: LocalCluster, make_pool: PoolFactory, write: Step, read: Step, expected: object
 ) -> None:
     pool = await make_pool(delayed.dsn, causal_wait=0.005)
     new_id = next(_ids)
     async with pool.read_your_writes():
-        await pool.fetchval("select undeclared_writer($1)", new_id, role="primary")
-        assert await pool.fetchval("select count(*) from t where id = $1", new_id) == 1
-
-
-async def test_copy_out_in_scope_sees_the_write(
-    delayed: LocalCluster, make_pool: PoolFactory
-) -> None:
-    pool = await make_pool(delayed.dsn, causal_wait=0.005)
-    new_id = next(_ids)
-    async with pool.read_your_writes():
-        await pool.execute("insert into t values ($1)", new_id)
-        out = io.BytesIO()
-        await pool.copy_from_query("select count(*) from t where id = $1", new_id, output=out)
-        assert out.getvalue() == b"1\n"
-
-
-async def test_readonly_transaction_in_scope_sees_the_write(
-    delayed: LocalCluster, make_pool: PoolFactory
-) -> None:
-    pool = await make_pool(delayed.dsn, causal_wait=0.005)
-    new_id = next(_ids)
-    async with pool.read_your_writes():
-        await pool.execute("insert into t values ($1)", new_id)
-        async with pool.transaction(readonly=True) as con:
-            assert await con.fetchval("select count(*) from t where id = $1", new_id) == 1
+        await write(pool, new_id)
+        assert await read(pool, new_id) == expected

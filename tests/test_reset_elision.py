@@ -308,21 +308,17 @@ async def test_prepared_statement_does_not_survive(
     assert await state_on(pool, clean_db.primary.port) == clean(baseline)
 
 
-async def test_trigger_state_change_does_not_leak(
-    shared: Database, make_pool: PoolFactory
+@pytest.mark.parametrize("statement", [
+    pytest.param(f"insert into {S}.trig_t values (1) returning 1", id="trigger"),
+    pytest.param(f"select x from {S}.v", id="view"),
+])
+async def test_catalog_state_change_does_not_leak(
+    shared: Database, make_pool: PoolFactory, statement: str
 ) -> None:
+    """A trigger or a view whose function calls set_config()."""
     pool = await one_per_instance(make_pool, shared)
     baseline = await state_on(pool, shared.primary.port)
-    await pool.execute(f"insert into {S}.trig_t values (1)")
-    assert await state_on(pool, shared.primary.port) == clean(baseline)
-
-
-async def test_view_state_change_does_not_leak(
-    shared: Database, make_pool: PoolFactory
-) -> None:
-    pool = await one_per_instance(make_pool, shared)
-    baseline = await state_on(pool, shared.primary.port)
-    assert await pool.fetchval(f"select x from {S}.v", role="primary") == 1
+    assert await pool.fetchval(statement, role="primary") == 1
     assert await state_on(pool, shared.primary.port) == clean(baseline)
 
 

@@ -3,7 +3,8 @@
 Servers run as the ``postgres`` user when we are root (PostgreSQL refuses root),
 each started in its own session so one ``killpg`` reaches a supervisor and the
 helpers it forks. Postmasters are found through ``postmaster.pid`` and checked
-against ``/proc/PID/cmdline`` before they are signalled.
+against ``/proc/PID/cmdline`` before they are signalled. :class:`SupervisedCluster`
+is the lifecycle both HA clusters share.
 """
 
 from __future__ import annotations
@@ -16,13 +17,17 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import Any, Generic, Self, TypeVar
 
 HOST = "127.0.0.1"
 SERVER_USER = "postgres"
@@ -401,3 +406,139 @@ def free_port() -> int:
 def release_ports(ports: Iterable[int]) -> None:
     with _ports_lock:
         _ports_handed_out.difference_update(ports)
+
+
+# -- clusters -----------------------------------------------------------------------
+
+
+@dataclass
+class SupervisedNode:
+    """A PostgreSQL node run by a supervisor (Patroni, pg_autoctl): ``process`` while it runs."""
+
+    name: str
+    data_dir: Path
+    log_file: Path
+    process: subprocess.Popen[bytes] | None = field(default=None, repr=False, kw_only=True)
+
+    def is_running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+
+N = TypeVar("N", bound=SupervisedNode)
+
+
+class SupervisedCluster(Generic[N]):
+    """Supervised nodes in a fresh temp dir, started once.
+
+    Every process, data directory and port is tracked for a finalizer, which
+    stops everything at interpreter exit if ``stop()`` was never called.
+    Subclasses find their programs in :meth:`_find_programs` and start the
+    servers in :meth:`_boot`.
+    """
+
+    dir_prefix = "picopool-"
+    start_timeout: float = 90
+
+    def __init__(self, *, nodes: int, base_dir: Path | str | None) -> None:
+        self.node_count = nodes
+        self.parent_dir = Path(os.path.abspath(base_dir or tempfile.gettempdir()))
+        self.base_dir: Path | None = None
+        self.nodes: dict[str, N] = {}
+        self.timings: dict[str, float] = {}  # seconds: start, switchover, failover, ...
+        # Shared with the finalizer, which must not hold a reference to self.
+        self._supervisors: list[subprocess.Popen[bytes]] = []
+        self._services: list[subprocess.Popen[bytes]] = []  # e.g. etcd: killed last
+        self._data_dirs: list[Path] = []
+        self._ports: list[int] = []
+        self._finalizer: weakref.finalize[Any, Any] | None = None
+        self._bin_dir: Path | None = None  # PostgreSQL's, once started
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.base_dir} nodes={list(self.nodes)}>"
+
+    def start(self, timeout: float | None = None) -> Self:
+        """Start every server; return once the cluster is healthy (default ``start_timeout``)."""
+        if self.base_dir is not None:
+            raise HarnessError(f"{type(self).__name__} can be started only once")
+        self._bin_dir = pg_bin()
+        self._find_programs()
+        started = time.monotonic()
+        self.base_dir = Path(tempfile.mkdtemp(prefix=self.dir_prefix, dir=self.parent_dir))
+        self._finalizer = weakref.finalize(
+            self, shut_down, self._supervisors, self._data_dirs, self._services, self._ports,
+            self.base_dir,
+        )
+        try:
+            make_owned_dir(self.base_dir)
+            self._boot(self.start_timeout if timeout is None else timeout)
+        except BaseException:
+            self.stop()
+            raise
+        self.timings["start"] = time.monotonic() - started
+        return self
+
+    def stop(self) -> None:
+        """Kill every process the cluster started and remove its directory. Idempotent."""
+        if self._finalizer is not None:
+            self._finalizer()
+
+    def _find_programs(self) -> None:
+        """Raise :class:`HarnessUnavailable` if a program the cluster needs is missing."""
+        raise NotImplementedError
+
+    def _boot(self, timeout: float) -> None:
+        """Start the servers in ``base_dir``; return once the cluster is healthy."""
+        raise NotImplementedError
+
+    def _free_ports(self, count: int) -> list[int]:
+        ports = [free_port() for _ in range(count)]
+        self._ports.extend(ports)
+        return ports
+
+    def _supervise(self, node: N, argv: Sequence[str | Path], env: Mapping[str, str]) -> None:
+        """Start *node*'s supervisor."""
+        assert self.base_dir is not None
+        node.process = spawn(argv, log_file=node.log_file, env=env, cwd=self.base_dir)
+        self._supervisors.append(node.process)
+
+    def node(self, name: str) -> N:
+        try:
+            return self.nodes[name]
+        except KeyError:
+            raise HarnessError(f"no node named {name!r}") from None
+
+    def restart_node(self, name: str, timeout: float) -> None:
+        """Start a killed node's supervisor again; return once it is a healthy replica."""
+        raise NotImplementedError
+
+    def _restart_killed_nodes(self, timeout: float) -> None:
+        for node in self.nodes.values():
+            if not node.is_running():
+                self.restart_node(node.name, timeout)
+
+
+def shut_down(supervisors: list[subprocess.Popen[bytes]], data_dirs: list[Path],
+              services: list[subprocess.Popen[bytes]], ports: list[int], base_dir: Path) -> None:
+    """Kill the supervisors (so nothing restarts postgres), then every postmaster, then the
+    services (etcd); remove *base_dir*. Never raises."""
+    with contextlib.suppress(Exception):
+        for process in supervisors:
+            kill_session(process, signal.SIGKILL)
+        immediate_shutdown(data_dirs)  # SIGQUIT: each postmaster ends its backends
+        for process in services:
+            kill_session(process, signal.SIGKILL)
+    with contextlib.suppress(Exception):
+        # Whatever outlived its parent, e.g. the children of a postmaster that died
+        # with its supervisor's session.
+        kill_processes_under(base_dir)
+    shutil.rmtree(base_dir, ignore_errors=True)
+    release_ports(ports)
+    supervisors.clear()
+    services.clear()

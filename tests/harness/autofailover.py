@@ -17,37 +17,24 @@ Each ``pg_autoctl ... --run`` supervisor is started in its own session, so
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import signal
-import subprocess
-import tempfile
 import time
-import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Any
 
 from ._process import (
     HOST,
     HarnessError,
     HarnessUnavailable,
-    free_port,
-    immediate_shutdown,
-    kill_processes_under,
+    SupervisedCluster,
+    SupervisedNode,
     kill_server,
-    kill_session,
     log_tail,
     make_owned_dir,
-    pg_bin,
     psql,
-    release_ports,
     require_executable,
     run,
     server_env,
-    spawn,
     wait_for,
 )
 
@@ -71,53 +58,29 @@ PRIMARY_STATES = frozenset({"single", "primary", "wait_primary", "join_primary",
 
 
 @dataclass
-class AutoFailoverNode:
+class AutoFailoverNode(SupervisedNode):
     """One keeper-managed PostgreSQL node (or the monitor)."""
 
-    name: str
     port: int
-    pgdata: Path
-    log_file: Path
-    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
     def dsn(self) -> str:
         return f"postgres://postgres@{HOST}:{self.port}/postgres"
 
-    def is_running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
 
-
-class AutoFailoverCluster:
+class AutoFailoverCluster(SupervisedCluster[AutoFailoverNode]):
     """A monitor plus ``nodes`` keepers in formation ``default``, group 0."""
+
+    dir_prefix = "picopool-pgaf-"
+    start_timeout = 120
 
     def __init__(self, *, nodes: int = 3, base_dir: Path | str | None = None,
                  pg_autoctl: Path | str | None = None) -> None:
-        self.node_count = nodes
-        self.parent_dir = Path(os.path.abspath(base_dir or tempfile.gettempdir()))
+        super().__init__(nodes=nodes, base_dir=base_dir)
         self.pg_autoctl_path = pg_autoctl
-        self.base_dir: Path | None = None
         self.monitor: AutoFailoverNode | None = None
-        self.nodes: dict[str, AutoFailoverNode] = {}
-        self.timings: dict[str, float] = {}
-        self._bin_dir: Path | None = None
         self._tuned: set[str] = set()
         self._pg_autoctl: Path | None = None
-        # Shared with the finalizer, which must not hold a reference to self.
-        self._processes: list[subprocess.Popen[bytes]] = []
-        self._data_dirs: list[Path] = []
-        self._ports: list[int] = []
-        self._finalizer: weakref.finalize[Any, Any] | None = None
-
-    def __enter__(self) -> AutoFailoverCluster:
-        return self.start()
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
-
-    def __repr__(self) -> str:
-        return f"<AutoFailoverCluster {self.base_dir} nodes={list(self.nodes)}>"
 
     # -- addresses -------------------------------------------------------------------
 
@@ -136,50 +99,29 @@ class AutoFailoverCluster:
 
     # -- lifecycle ---------------------------------------------------------------------
 
-    def start(self, timeout: float = 120) -> AutoFailoverCluster:
-        """Start the monitor and the nodes; return once one primary and all secondaries are up."""
-        if self.base_dir is not None:
-            raise HarnessError("an AutoFailoverCluster can be started only once")
-        self._bin_dir = pg_bin()
-        self._pg_autoctl = self._find_pg_autoctl()
-        started = time.monotonic()
-        self.base_dir = Path(tempfile.mkdtemp(prefix="picopool-pgaf-", dir=self.parent_dir))
-        self._finalizer = weakref.finalize(
-            self, _shut_down, self._processes, self._data_dirs, self._ports, self.base_dir
-        )
-        try:
-            make_owned_dir(self.base_dir)
-            for sub in ("xdg", "xdg/config", "xdg/share"):
-                make_owned_dir(self.base_dir / sub)
-            make_owned_dir(self.base_dir / "xdg" / "run", mode=0o700)  # pg_autoctl insists
-            self._start_monitor(timeout)
-            names = [f"node{i}" for i in range(1, self.node_count + 1)]
-            for name in names:
-                self.nodes[name] = self._new_node(name)
-            # The first node becomes the primary; the others clone it, so wait for it.
-            first, *others = self.nodes.values()
-            self._start_keeper(first)
-            self._wait_states({first.name: PRIMARY_STATES}, timeout)
-            for node in others:
-                self._start_keeper(node)
-            self.wait_healthy(timeout)
-        except BaseException:
-            self.stop()
-            raise
-        self.timings["start"] = time.monotonic() - started
-        return self
-
-    def stop(self) -> None:
-        """Kill every keeper and postmaster (monitor last) and remove the directory. Idempotent."""
-        if self._finalizer is not None:
-            self._finalizer()
-
-    def _find_pg_autoctl(self) -> Path:
-        if self.pg_autoctl_path is not None:
-            return require_executable(self.pg_autoctl_path, INSTALL_HINT)
+    def _find_programs(self) -> None:
         assert self._bin_dir is not None
         bundled = self._bin_dir / "pg_autoctl"
-        return require_executable(bundled if bundled.exists() else "pg_autoctl", INSTALL_HINT)
+        default = bundled if bundled.exists() else "pg_autoctl"
+        self._pg_autoctl = require_executable(self.pg_autoctl_path or default, INSTALL_HINT)
+
+    def _boot(self, timeout: float) -> None:
+        """Start the monitor and the nodes; return once one primary and all secondaries are up."""
+        assert self.base_dir is not None
+        for sub in ("xdg", "xdg/config", "xdg/share"):
+            make_owned_dir(self.base_dir / sub)
+        make_owned_dir(self.base_dir / "xdg" / "run", mode=0o700)  # pg_autoctl insists
+        self._start_monitor(timeout)
+        names = [f"node{i}" for i in range(1, self.node_count + 1)]
+        for name in names:
+            self.nodes[name] = self._new_node(name)
+        # The first node becomes the primary; the others clone it, so wait for it.
+        first, *others = self.nodes.values()
+        self._start_keeper(first)
+        self._wait_states({first.name: PRIMARY_STATES}, timeout)
+        for node in others:
+            self._start_keeper(node)
+        self.wait_healthy(timeout)
 
     def _env(self) -> dict[str, str]:
         assert self.base_dir is not None and self._bin_dir is not None
@@ -195,22 +137,20 @@ class AutoFailoverCluster:
 
     def _new_node(self, name: str) -> AutoFailoverNode:
         assert self.base_dir is not None
-        port = free_port()
-        self._ports.append(port)
-        node = AutoFailoverNode(name, port, self.base_dir / name, self.base_dir / f"{name}.log")
-        self._data_dirs.append(node.pgdata)
+        (port,) = self._free_ports(1)
+        node = AutoFailoverNode(name=name, port=port, data_dir=self.base_dir / name,
+                                log_file=self.base_dir / f"{name}.log")
+        self._data_dirs.append(node.data_dir)
         return node
 
     def _spawn(self, node: AutoFailoverNode, argv: list[str | Path]) -> None:
-        assert self.base_dir is not None and self._pg_autoctl is not None
-        node.process = spawn([self._pg_autoctl, *argv], log_file=node.log_file,
-                             env=self._env(), cwd=self.base_dir)
-        self._processes.append(node.process)
+        assert self._pg_autoctl is not None
+        self._supervise(node, [self._pg_autoctl, *argv], self._env())
 
     def _start_monitor(self, timeout: float) -> None:
         monitor = self.monitor = self._new_node("monitor")
         self._spawn(monitor, [
-            "create", "monitor", "--pgdata", monitor.pgdata, "--pgport", str(monitor.port),
+            "create", "monitor", "--pgdata", monitor.data_dir, "--pgport", str(monitor.port),
             "--listen", HOST, "--hostname", HOST, "--auth", "trust", "--no-ssl", "--run",
         ])  # fmt: skip
         wait_for(lambda: self.monitor_sql("select 1") == "1", timeout,
@@ -221,7 +161,7 @@ class AutoFailoverCluster:
 
     def _start_keeper(self, node: AutoFailoverNode) -> None:
         self._spawn(node, [
-            "create", "postgres", "--pgdata", node.pgdata, "--pgport", str(node.port),
+            "create", "postgres", "--pgdata", node.data_dir, "--pgport", str(node.port),
             "--listen", HOST, "--hostname", HOST, "--name", node.name,
             "--auth", "trust", "--no-ssl", "--monitor", self.monitor_dsn, "--run",
         ])  # fmt: skip
@@ -230,9 +170,9 @@ class AutoFailoverCluster:
         """Test-only: give up on an unreachable monitor after 1 s (reloaded live)."""
         assert self._pg_autoctl is not None
         env = self._env()
-        run([self._pg_autoctl, "config", "set", "--pgdata", node.pgdata,
+        run([self._pg_autoctl, "config", "set", "--pgdata", node.data_dir,
              "timeout.network_partition_timeout", "1"], env=env, timeout=30)
-        run([self._pg_autoctl, "reload", "--pgdata", node.pgdata], env=env, timeout=30)
+        run([self._pg_autoctl, "reload", "--pgdata", node.data_dir], env=env, timeout=30)
 
     # -- state -------------------------------------------------------------------------
 
@@ -244,12 +184,6 @@ class AutoFailoverCluster:
     def sql(self, name: str, query: str, timeout: float = 10) -> str:
         assert self._bin_dir is not None
         return psql(self._bin_dir, self.node(name).port, query, timeout=timeout)
-
-    def node(self, name: str) -> AutoFailoverNode:
-        try:
-            return self.nodes[name]
-        except KeyError:
-            raise HarnessError(f"no node named {name!r}") from None
 
     def states(self) -> dict[str, tuple[str, str, int]]:
         """``{name: (reportedstate, goalstate, health)}`` from the monitor."""
@@ -325,23 +259,21 @@ class AutoFailoverCluster:
     def kill_node(self, name: str) -> None:
         """kill -9 a node's keeper (with the services it forked) and its postmaster."""
         node = self.node(name)
-        kill_server(node.pgdata, node.process)
+        kill_server(node.data_dir, node.process)
 
     def restart_node(self, name: str, timeout: float = 90) -> None:
         """Run a killed node's keeper again; return once it is a healthy secondary."""
         node = self.node(name)
         if node.is_running():
             return
-        kill_server(node.pgdata)  # a leftover postmaster would confuse the keeper
-        self._spawn(node, ["run", "--pgdata", node.pgdata])
+        kill_server(node.data_dir)  # a leftover postmaster would confuse the keeper
+        self._spawn(node, ["run", "--pgdata", node.data_dir])
         self._wait_states({name: frozenset({"secondary"})}, timeout)
         self.wait_healthy(timeout)
 
     def ensure_healthy(self, timeout: float = 90) -> AutoFailoverNode:
         """Restart killed nodes, then wait for a writable primary and healthy secondaries."""
-        for node in self.nodes.values():
-            if not node.is_running():
-                self.restart_node(node.name, timeout)
+        self._restart_killed_nodes(timeout)
         return self.wait_healthy(timeout)
 
     def wait_new_primary(self, old: AutoFailoverNode | str, timeout: float = 60
@@ -366,24 +298,10 @@ class AutoFailoverCluster:
         assert self._pg_autoctl is not None
         started = time.monotonic()
         old = self.primary_node()
-        run([self._pg_autoctl, "perform", "switchover", "--pgdata", old.pgdata,
+        run([self._pg_autoctl, "perform", "switchover", "--pgdata", old.data_dir,
              "--formation", FORMATION, "--group", str(GROUP)], env=self._env(), timeout=timeout)
         new = self.wait_new_primary(old, timeout)
         self.timings["switchover"] = time.monotonic() - started
         self.wait_healthy(timeout)
         return new
 
-
-def _shut_down(processes: list[subprocess.Popen[bytes]], data_dirs: list[Path],
-               ports: list[int], base_dir: Path) -> None:
-    """Kill the keepers (so nothing restarts postgres), then every postmaster; never raises."""
-    with contextlib.suppress(Exception):
-        for process in processes:
-            kill_session(process, signal.SIGKILL)
-        immediate_shutdown(data_dirs)  # SIGQUIT: each postmaster ends its backends
-    with contextlib.suppress(Exception):
-        # A postmaster that died with its keeper's session leaves children behind.
-        kill_processes_under(base_dir)
-    shutil.rmtree(base_dir, ignore_errors=True)
-    release_ports(ports)
-    processes.clear()

@@ -38,23 +38,15 @@ __all__ = [
 @pytest.fixture(scope="session")
 def patroni_cluster() -> Iterator[PatroniCluster]:
     """etcd plus three Patroni nodes in synchronous mode, shared by the session."""
-    cluster = PatroniCluster(synchronous_mode=True)
-    cluster.start()
-    try:
+    with PatroniCluster(synchronous_mode=True) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
 
 
 @pytest.fixture(scope="session")
 def autofailover_cluster() -> Iterator[AutoFailoverCluster]:
     """A pg_auto_failover monitor plus three nodes, shared by the session."""
-    cluster = AutoFailoverCluster()
-    cluster.start()
-    try:
+    with AutoFailoverCluster() as cluster:
         yield cluster
-    finally:
-        cluster.stop()
 
 
 @pytest.fixture

@@ -21,36 +21,26 @@ interpreter exit if ``stop()`` was never called.
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import os
-import shutil
-import signal
 import subprocess
-import tempfile
 import time
-import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from ._process import (
     HOST,
     HarnessError,
     HarnessUnavailable,
-    free_port,
+    SupervisedCluster,
+    SupervisedNode,
     http_json,
-    immediate_shutdown,
-    kill_processes_under,
     kill_server,
-    kill_session,
     log_tail,
-    make_owned_dir,
     pg_bin,
     postmaster_pid,
     psql,
-    release_ports,
     require_executable,
     run,
     server_env,
@@ -69,16 +59,12 @@ REPLICA_ROLES = frozenset({"replica", "sync_standby", "quorum_standby"})
 
 
 @dataclass
-class PatroniNode:
+class PatroniNode(SupervisedNode):
     """One Patroni node: its ports, files and (while it runs) its process."""
 
-    name: str
     rest_port: int
     pg_port: int
-    data_dir: Path
     config_file: Path
-    log_file: Path
-    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
     def rest_url(self) -> str:
@@ -88,42 +74,22 @@ class PatroniNode:
     def dsn(self) -> str:
         return f"postgres://postgres@{HOST}:{self.pg_port}/postgres"
 
-    def is_running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
 
-
-class PatroniCluster:
+class PatroniCluster(SupervisedCluster[PatroniNode]):
     """etcd plus ``nodes`` Patroni nodes (scope ``demo``, namespace ``/demo/``)."""
+
+    dir_prefix = "picopool-patroni-"
 
     def __init__(self, *, synchronous_mode: bool = False, nodes: int = 3,
                  venv: Path | str | None = None, base_dir: Path | str | None = None) -> None:
+        super().__init__(nodes=nodes, base_dir=base_dir)
         self.synchronous_mode = synchronous_mode
-        self.node_count = nodes
         self.venv = Path(venv) if venv is not None else DEFAULT_VENV
-        self.parent_dir = Path(os.path.abspath(base_dir or tempfile.gettempdir()))
-        self.base_dir: Path | None = None
-        self.nodes: dict[str, PatroniNode] = {}
         self.etcd_client_port = 0
         self.etcd_peer_port = 0
         self.etcd: subprocess.Popen[bytes] | None = None
-        self.timings: dict[str, float] = {}  # seconds: start, switchover, failover, ...
-        # Shared with the finalizer, which must not hold a reference to self.
-        self._etcd_processes: list[subprocess.Popen[bytes]] = []
-        self._patroni_processes: list[subprocess.Popen[bytes]] = []
-        self._data_dirs: list[Path] = []
-        self._ports: list[int] = []
-        self._finalizer: weakref.finalize[Any, Any] | None = None
+        self._etcd_bin: Path | None = None
         self._patroni_bin: Path | None = None
-
-    def __enter__(self) -> PatroniCluster:
-        return self.start()
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
-
-    def __repr__(self) -> str:
-        return f"<PatroniCluster {self.base_dir} nodes={list(self.nodes)}>"
 
     # -- addresses -------------------------------------------------------------------
 
@@ -143,58 +109,34 @@ class PatroniCluster:
 
     # -- lifecycle ---------------------------------------------------------------------
 
-    def start(self, timeout: float = 90) -> PatroniCluster:
-        """Start etcd and every node; return once a leader is writable and replicas stream."""
-        if self.base_dir is not None:
-            raise HarnessError("a PatroniCluster can be started only once")
-        bin_dir = pg_bin()
-        etcd = require_executable("etcd", INSTALL_HINT)
+    def _find_programs(self) -> None:
+        self._etcd_bin = require_executable("etcd", INSTALL_HINT)
         self._patroni_bin = require_executable(self.venv / "bin" / "patroni", INSTALL_HINT)
         try:  # the venv must be readable by the server user, not only by root
             run([self._patroni_bin, "--version"], env=server_env(), timeout=60)
         except HarnessError as exc:
             raise HarnessUnavailable(f"Patroni does not run as postgres: {exc}\n{INSTALL_HINT}"
                                      ) from None
-        started = time.monotonic()
-        self.base_dir = Path(tempfile.mkdtemp(prefix="picopool-patroni-", dir=self.parent_dir))
-        self._finalizer = weakref.finalize(
-            self, _shut_down, self._etcd_processes, self._patroni_processes, self._data_dirs,
-            self._ports, self.base_dir,
-        )
-        try:
-            make_owned_dir(self.base_dir)
-            self.etcd_client_port, self.etcd_peer_port = self._ports_for(2)
-            self._start_etcd(etcd)
-            for index in range(1, self.node_count + 1):
-                node = self._configure_node(f"node{index}", bin_dir)
-                self.nodes[node.name] = node
-            for node in self.nodes.values():
-                self._start_node(node)
-            self.wait_leader(timeout)
-            self.wait_replicas_streaming(timeout=timeout)
-        except BaseException:
-            self.stop()
-            raise
-        self.timings["start"] = time.monotonic() - started
-        return self
 
-    def stop(self) -> None:
-        """Kill every Patroni, postmaster and etcd, and remove the directory. Idempotent."""
-        if self._finalizer is not None:
-            self._finalizer()
+    def _boot(self, timeout: float) -> None:
+        """Start etcd and every node; return once a leader is writable and replicas stream."""
+        self.etcd_client_port, self.etcd_peer_port = self._free_ports(2)
+        self._start_etcd()
+        for index in range(1, self.node_count + 1):
+            node = self._configure_node(f"node{index}")
+            self.nodes[node.name] = node
+        for node in self.nodes.values():
+            self._start_node(node)
+        self.wait_leader(timeout)
+        self.wait_replicas_streaming(timeout=timeout)
 
-    def _ports_for(self, count: int) -> list[int]:
-        ports = [free_port() for _ in range(count)]
-        self._ports.extend(ports)
-        return ports
-
-    def _start_etcd(self, etcd: Path) -> None:
-        assert self.base_dir is not None
+    def _start_etcd(self) -> None:
+        assert self.base_dir is not None and self._etcd_bin is not None
         peer = f"http://{HOST}:{self.etcd_peer_port}"
         log_file = self.base_dir / "etcd.log"
         process = spawn(
             [
-                etcd, "--name", "etcd0",
+                self._etcd_bin, "--name", "etcd0",
                 "--data-dir", self.base_dir / "etcd",
                 "--listen-client-urls", self.etcd_url,
                 "--advertise-client-urls", self.etcd_url,
@@ -206,13 +148,13 @@ class PatroniCluster:
             log_file=log_file, env=server_env(), cwd=self.base_dir,
         )  # fmt: skip
         self.etcd = process
-        self._etcd_processes.append(process)
+        self._services.append(process)
         wait_for(lambda: http_json("GET", f"{self.etcd_url}/health", timeout=1)[0] == 200,
                  20, f"etcd did not come up{log_tail(log_file)}")
 
-    def _configure_node(self, name: str, bin_dir: Path) -> PatroniNode:
-        assert self.base_dir is not None
-        rest_port, pg_port = self._ports_for(2)
+    def _configure_node(self, name: str) -> PatroniNode:
+        assert self.base_dir is not None and self._bin_dir is not None
+        rest_port, pg_port = self._free_ports(2)
         node = PatroniNode(
             name=name, rest_port=rest_port, pg_port=pg_port,
             data_dir=self.base_dir / f"data-{name}",
@@ -252,7 +194,7 @@ class PatroniCluster:
                 "listen": f"{HOST}:{pg_port}",
                 "connect_address": f"{HOST}:{pg_port}",
                 "data_dir": str(node.data_dir),
-                "bin_dir": str(bin_dir),
+                "bin_dir": str(self._bin_dir),
                 "pgpass": str(self.base_dir / f"pgpass-{name}"),
                 "authentication": {
                     "superuser": {"username": "postgres"},
@@ -279,10 +221,8 @@ class PatroniCluster:
         return node
 
     def _start_node(self, node: PatroniNode) -> None:
-        assert self.base_dir is not None and self._patroni_bin is not None
-        node.process = spawn([self._patroni_bin, node.config_file], log_file=node.log_file,
-                             env=server_env(), cwd=self.base_dir)
-        self._patroni_processes.append(node.process)
+        assert self._patroni_bin is not None
+        self._supervise(node, [self._patroni_bin, node.config_file], server_env())
 
     # -- state -------------------------------------------------------------------------
 
@@ -309,12 +249,6 @@ class PatroniCluster:
 
     def sync_standby_name(self) -> str | None:
         return next((m["name"] for m in self.members() if m.get("role") == "sync_standby"), None)
-
-    def node(self, name: str) -> PatroniNode:
-        try:
-            return self.nodes[name]
-        except KeyError:
-            raise HarnessError(f"no node named {name!r}") from None
 
     def sql(self, name: str, query: str, timeout: float = 10) -> str:
         return psql(pg_bin(), self.node(name).pg_port, query, timeout=timeout)
@@ -434,26 +368,8 @@ class PatroniCluster:
 
     def ensure_healthy(self, timeout: float = 60) -> str:
         """Restart killed nodes, then wait for a writable leader and streaming replicas."""
-        for node in self.nodes.values():
-            if not node.is_running():
-                self.restart_node(node.name, timeout)
+        self._restart_killed_nodes(timeout)
         leader = self.wait_leader(timeout)
         self.wait_replicas_streaming(timeout=timeout)
         return leader
 
-
-def _shut_down(etcds: list[subprocess.Popen[bytes]], patronis: list[subprocess.Popen[bytes]],
-               data_dirs: list[Path], ports: list[int], base_dir: Path) -> None:
-    """Kill Patroni (so nothing restarts postgres), the postmasters, then etcd; never raises."""
-    with contextlib.suppress(Exception):
-        for process in patronis:
-            kill_session(process, signal.SIGKILL)
-        immediate_shutdown(data_dirs)  # SIGQUIT: each postmaster ends its backends
-        for process in etcds:
-            kill_session(process, signal.SIGKILL)
-    with contextlib.suppress(Exception):
-        kill_processes_under(base_dir)  # whatever outlived its parent
-    shutil.rmtree(base_dir, ignore_errors=True)
-    release_ports(ports)
-    etcds.clear()
-    patronis.clear()
