@@ -143,6 +143,8 @@ def is_connection_error(exc: BaseException) -> bool:
     """Errors that say the instance (not the statement) is the problem."""
     if isinstance(exc, OSError | TimeoutError | ConnectionError):
         return True
+    if _broken_protocol(exc):  # a FATAL (shutdown) arrived on an idle connection
+        return True
     if isinstance(exc, asyncpg.ConnectionDoesNotExistError | asyncpg.ConnectionFailureError):
         return True
     if isinstance(exc, asyncpg.InterfaceError) and "connection" in str(exc).lower() and (
@@ -162,5 +164,12 @@ def rejected_before_sending(exc: BaseException) -> bool:
     """
     if isinstance(exc, asyncpg.InterfaceError) and "connection is closed" in str(exc):
         return True
+    return _broken_protocol(exc)
+
+
+def _broken_protocol(exc: BaseException) -> bool:
+    """asyncpg's protocol is stuck in its error or failed state: the server sent a
+    FATAL error (such as a shutdown's 57P01) to an idle connection whose socket has
+    not closed yet. Misuse (two operations at once) raises a different error."""
     return isinstance(exc, asyncpg.InternalClientError) and str(exc).startswith(
         "cannot switch to state")
