@@ -28,10 +28,10 @@ from ._errors import (
     ConfigurationError,
     NoAvailableInstanceError,
     PoolClosedError,
-    TopologyError,
     describe_error,
 )
 from ._member import Member, is_connection_error, rejected_before_sending
+from ._membership import Membership
 from ._routing import (
     Decision,
     ReadWriteSplit,
@@ -42,13 +42,11 @@ from ._routing import (
     read_request,
     select,
 )
-from ._service import ServiceConnections
 from ._sql import classify
-from ._sql_probes import DEALLOCATE_SQL_PREPARED, ELISION_SAFE_QUERY, REPLICA_LAG_QUERY
 from ._stats import InstanceStats, PoolStats
-from ._topology import Instance, Role, Topology, plan_reconcile
+from ._topology import Instance, Role, Topology
 from ._wal import CausalScope, format_causal_token, parse_causal_token, parse_lsn
-from .discovery import DiscoveryProvider, detect_provider
+from .discovery import DiscoveryProvider
 from .strategies import BalanceStrategy, Candidate, RoundRobin
 
 logger = logging.getLogger("picopool")
@@ -108,70 +106,40 @@ class Pool:
         if max_size <= 0 or min_size < 0 or min_size > max_size:
             raise ConfigurationError(f"invalid sizes min_size={min_size} max_size={max_size}")
         self._dsn = dsn
-        self._connect_kwargs = connect_kwargs
         self._pool_options = pool_options
         self._strategy: BalanceStrategy = strategy or RoundRobin()
-        self._provider = discovery
-        self._refresh_interval = topology_refresh_interval
         self._failover_timeout = failover_timeout
-        self._drain_timeout = drain_timeout
-        self._connect_timeout = connect_timeout
-        self._seeds = tuple(seed_addresses(dsn, connect_kwargs))
         asyncpg_dsn(dsn)  # a DSN asyncpg cannot read fails here, not at first connect
-        self._service = ServiceConnections(
-            dsn=dsn, connect_kwargs=connect_kwargs, seeds=self._seeds, service_dsn=service_dsn,
-            current=lambda: self._topology, connect_timeout=connect_timeout,
+        self._membership = Membership(
+            dsn=dsn, connect_kwargs=connect_kwargs, pool_options=pool_options,
+            seeds=seed_addresses(dsn, connect_kwargs), provider=discovery,
+            service_dsn=service_dsn, refresh_interval=topology_refresh_interval,
+            health_check_interval=health_check_interval, connect_timeout=connect_timeout,
+            drain_timeout=drain_timeout, check_elision=policy.elide_reset,
+            user_reset=pool_options.pop("reset", None),
         )
-        self._topology: Topology | None = None
-        self._topology_symmetric = False  # every instance serves everything (Picodata)
-        self._members: dict[str, Member] = {}
         self._checked_out: dict[Any, Member] = {}
-        self._draining: set[asyncio.Task[None]] = set()
-        self._refresh_lock = asyncio.Lock()
-        self._refreshed = asyncio.Event()  # set after each refresh attempt, then replaced
-        self._wakeup = asyncio.Event()
-        # The poller and the idle health checker: owned here, never outliving close().
-        self._background: list[asyncio.Task[None]] = []
         self._initialized = False
         self._initializing = False
         self._closing = False
         self._closed = False
-        self._refreshes = 0
-        self._refresh_failures = 0
-        self._last_refresh_error: str | None = None
-        self._acquire_errors = 0
         self._retries = 0
         self._policy = policy
         self._decisions: dict[tuple[Any, ...], Decision] = {}
-        self._candidate_cache: dict[RoleRequest, list[Candidate]] = {}
-        self._health_epoch = 0
-        self._cache_epoch = -1
-        self._cache_valid_until = _NEVER
         self._decisions_cacheable = (policy.router is None and policy.rewrite is None
                                      and not check_function_volatility)
         self._check_volatility = check_function_volatility
         self._volatility: dict[str, bool] = {}
+        # Candidates per request, valid while the membership's health epoch stands.
+        self._candidate_cache: dict[RoleRequest, list[Candidate]] = {}
+        self._cache_epoch = -1
+        self._cache_valid_until = _NEVER
         self._max_lag_bytes = max_replica_lag_bytes
         self._max_lag_seconds = max_replica_lag_seconds
-        self._lag: dict[str, tuple[int | None, float | None]] = {}
-        self._replay_lsn: dict[str, int] = {}
         self._read_your_writes = read_your_writes
         self._causal_wait = causal_wait
         self._pool_lsn = 0
         self._max_retries = max_retries
-        self._health_check_interval = health_check_interval
-        self._members_demoted: set[str] = set()
-        # Raw connections whose last pool-level statement provably left no session
-        # state: their release skips asyncpg's reset round trip.
-        self._skip_reset: set[Any] = set()
-        # Raw connections whose reset must also drop SQL-level prepared statements.
-        self._deep_reset: set[Any] = set()
-        # Whether the database has nothing that could change session state behind a
-        # statement's back (triggers, views, defaults, policies, suspicious functions).
-        # Checked on every refresh; until then, and on any doubt, every release resets.
-        self._elision_safe = False
-        self._user_reset = pool_options.pop("reset", None)
-        self._provider_reset: Callable[[Any], Any] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -184,17 +152,7 @@ class Pool:
             raise PoolClosedError("pool is closed")
         self._initializing = True
         try:
-            if self._provider is None:
-                self._provider = await detect_provider(self._service)
-            topology = await self.refresh_topology()
-            if not topology.instances:
-                raise NoAvailableInstanceError(
-                    f"{self._provider.name} discovery found no usable instance "
-                    f"(seeds: {', '.join(map(str, self._seeds))})")
-            await self._warm_up()
-            self._background.append(asyncio.ensure_future(self._poll()))
-            if self._health_check_interval is not None:
-                self._background.append(asyncio.ensure_future(self._check_health()))
+            await self._membership.start()
         except (Exception, asyncio.CancelledError):
             self.terminate()
             raise
@@ -202,24 +160,6 @@ class Pool:
             self._initializing = False
         self._initialized = True
         return self
-
-    async def _warm_up(self) -> None:
-        """Initialise every sub-pool; fail only if no instance at all is reachable."""
-        members = list(self._members.values())
-        results = await asyncio.gather(
-            *(m.ensure_ready() for m in members), return_exceptions=True
-        )
-        attempts = []
-        for member, result in zip(members, results, strict=True):
-            if isinstance(result, BaseException):
-                if isinstance(result, asyncio.CancelledError):
-                    raise result
-                member.record_failure(describe_error(result))
-                attempts.append((member.instance.label, describe_error(result)))
-                logger.warning("instance %s unavailable at start: %s",
-                               member.instance.label, describe_error(result))
-        if members and len(attempts) == len(members):
-            raise NoAvailableInstanceError("no instance of the cluster is reachable", attempts)
 
     def __await__(self) -> Generator[Any, None, Pool]:
         return self._async__init__().__await__()
@@ -238,15 +178,7 @@ class Pool:
             return
         self._closing = True
         try:
-            await self._stop_background()
-            await self._service.aclose()
-            members, self._members = list(self._members.values()), {}
-            for member in members:
-                self._drain(member)
-            if self._draining:
-                await asyncio.gather(*self._draining, return_exceptions=True)
-            if self._provider is not None:
-                await self._provider.aclose()
+            await self._membership.aclose()
         except (Exception, asyncio.CancelledError):
             self.terminate()
             raise
@@ -259,37 +191,10 @@ class Pool:
             return
         self._closing = True
         self._closed = True
-        for task in self._background:
-            task.cancel()
-        for task in list(self._draining):
-            task.cancel()
-        for member in list(self._members.values()):
-            member.terminate()
-        self._members.clear()
-        self._service.terminate()
-        if self._provider is not None:
-            self._provider.terminate()
+        self._membership.terminate()
 
     def is_closing(self) -> bool:
         return self._closing
-
-    async def _stop_background(self) -> None:
-        tasks, self._background = self._background, []
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-    def _drain(self, member: Member) -> None:
-        async def drain() -> None:
-            try:
-                await member.close(self._drain_timeout)
-            except Exception as exc:
-                logger.warning("closing sub-pool of %s: %s", member.instance.label,
-                               describe_error(exc))
-
-        task = asyncio.ensure_future(drain())
-        self._draining.add(task)
-        task.add_done_callback(self._draining.discard)
 
     def _check_open(self) -> None:
         if self._closing:
@@ -302,281 +207,25 @@ class Pool:
     @property
     def topology(self) -> Topology | None:
         """The current topology snapshot."""
-        return self._topology
+        return self._membership.topology
 
     async def refresh_topology(self) -> Topology:
         """Ask the discovery provider now and reconcile the sub-pools."""
         if self._closing:
             raise PoolClosedError("pool is closing")
-        async with self._refresh_lock:
-            try:
-                topology = await self._refresh()
-                self._members_demoted.clear()
-                if self._policy.elide_reset and not topology.symmetric:
-                    self._elision_safe = await self._check_elision_safe()
-                if topology.replicas and not topology.symmetric:
-                    await self._measure_lag(topology)
-                return topology
-            finally:
-                self._health_changed()  # membership, roles and lag may all have moved
-                self._refreshed.set()
-                self._refreshed = asyncio.Event()
-
-    async def _refresh(self) -> Topology:
-        provider = self._provider
-        assert provider is not None
-        self._refreshes += 1
-        try:
-            discovered = await provider.discover(self._service)
-        except (Exception, asyncio.CancelledError) as exc:
-            self._refresh_failures += 1
-            self._last_refresh_error = describe_error(exc)
-            if isinstance(exc, asyncio.CancelledError | TopologyError):
-                raise
-            raise TopologyError(
-                f"{provider.name} discovery failed: {describe_error(exc)}"
-            ) from exc
-        self._last_refresh_error = None
-        plan = plan_reconcile({k: m.instance for k, m in self._members.items()},
-                              discovered.instances)
-        previous = self._topology
-        for member_id in plan.remove:
-            self._replay_lsn.pop(member_id, None)
-            member = self._members.pop(member_id)
-            logger.info("instance %s left the topology; draining", member.instance.label)
-            self._drain(member)
-        for instance in plan.add:
-            logger.info("instance %s joined as %s", instance.label, instance.role.value)
-            self._members[instance.id] = Member(instance, self._make_sub_pool)
-        for member_id in plan.expire:
-            self._replay_lsn.pop(member_id, None)
-            member = self._members[member_id]
-            logger.info("instance %s changed role %s -> %s; expiring its connections",
-                        member.instance.label, member.instance.role.value,
-                        next(i.role.value for i in plan.keep if i.id == member_id))
-            if member.pool is not None:
-                await member.pool.expire_connections()
-        for instance in plan.keep:
-            self._members[instance.id].instance = instance
-        instances = tuple(self._members[i.id].instance for i in (*plan.keep, *plan.add))
-        unchanged = (
-            previous is not None
-            and previous.instances == instances
-            and previous.symmetric == discovered.symmetric
-            and previous.service_address == self._service.service_address()
-        )
-        self._topology_symmetric = discovered.symmetric
-        if not unchanged:
-            self._topology = Topology(
-                version=(previous.version + 1) if previous else 1,
-                instances=instances,
-                provider=provider.name,
-                symmetric=discovered.symmetric,
-                service_address=self._service.service_address(),
-            )
-        self._service.forget_except({i.address for i in instances})
-        # Published now, while the lag measurement may still be running: routing
-        # must see the new membership at once, not after the whole refresh.
-        self._health_changed()
-        assert self._topology is not None
-        return self._topology
-
-    async def _reset_connection(self, connection: Any) -> None:
-        """The sub-pools' reset: skipped where provably unneeded (asyncpg has
-        already rolled back any open transaction and dropped listeners)."""
-        if connection in self._skip_reset:
-            self._skip_reset.discard(connection)
-            return
-        if self._user_reset is not None:
-            await self._user_reset(connection)
-        elif self._provider_reset is not None:
-            await self._provider_reset(connection)
-        else:
-            query = connection.get_reset_query()
-            if connection in self._deep_reset:
-                # asyncpg's reset keeps SQL-level PREPAREd statements; drop them too
-                # (its own protocol-level statements have from_sql = false).
-                query = f"{query};{DEALLOCATE_SQL_PREPARED}" if query else DEALLOCATE_SQL_PREPARED
-            if query:
-                await connection.execute(query)
-
-    async def _check_elision_safe(self) -> bool:
-        """Ask the catalog whether skipping the reset is sound in this database.
-
-        The classifier sees only the statement's text. A trigger, a view, a column
-        default, a policy or an event trigger could call set_config() or take an
-        advisory lock behind it, so any sign of that turns reset elision off.
-        """
-        try:
-            async with asyncio.timeout(self._connect_timeout):
-                conn = await self._service.service_connection()
-                return bool(await conn.fetchval(ELISION_SAFE_QUERY))
-        except Exception as exc:
-            self._service.discard()
-            logger.debug("cannot check whether reset elision is safe: %s", describe_error(exc))
-            return False
-
-    async def _measure_lag(self, topology: Topology) -> None:
-        """Each replica's lag behind the primary, in bytes and seconds.
-
-        Uses the discovery probe connections, so it costs one small query per
-        instance per refresh. Failures leave the lag unknown (reads allowed).
-        """
-        primary = topology.primary
-        if primary is None:
-            return
-
-        async def ask(instance: Instance, query: str) -> Any:
-            try:
-                async with asyncio.timeout(self._connect_timeout):
-                    conn = await self._service.connection(instance.address)
-                    return await conn.fetchrow(query)
-            except Exception as exc:
-                self._service.discard(instance.address)
-                logger.debug("lag probe of %s failed: %s", instance.label, describe_error(exc))
-                return None
-
-        replicas = topology.replicas
-        rows = await asyncio.gather(
-            ask(primary, "SELECT pg_current_wal_lsn()::text"),
-            *(ask(r, REPLICA_LAG_QUERY) for r in replicas),
-        )
-        head = parse_lsn(rows[0][0]) if rows[0] is not None else None
-        lag: dict[str, tuple[int | None, float | None]] = {}
-        for replica, row in zip(replicas, rows[1:], strict=True):
-            if row is None:
-                continue
-            replayed = parse_lsn(row[0]) or 0
-            self._replay_lsn[replica.id] = max(replayed, self._replay_lsn.get(replica.id, 0))
-            lag_bytes = max(0, head - replayed) if head is not None and row[0] else None
-            lag[replica.id] = (lag_bytes, float(row[1]) if row[1] is not None else None)
-        self._lag = lag
-
-    def _make_sub_pool(self, instance: Instance) -> Any:
-        options = dict(self._pool_options)
-        assert self._provider is not None
-        provider_options = dict(self._provider.sub_pool_options())
-        self._provider_reset = provider_options.pop("reset", None)
-        options.update(provider_options)
-        options["reset"] = self._reset_connection
-        return asyncpg.create_pool(asyncpg_dsn(self._dsn), **options,
-                                   **self._instance_connect_kwargs(instance))
-
-    def _instance_connect_kwargs(self, instance: Instance) -> dict[str, Any]:
-        """The user's connect kwargs, pointed at one instance."""
-        kwargs = dict(self._connect_kwargs)
-        kwargs.update(host=instance.address.host, port=instance.address.port)
-        kwargs.setdefault("target_session_attrs", "any")
-        kwargs.setdefault("timeout", self._connect_timeout)
-        return kwargs
-
-    async def _poll(self) -> None:
-        """Refresh on every interval (if set) and whenever an error asks for it."""
-        failures = 0
-        while not self._closing:
-            delay = self._refresh_interval
-            if failures and delay is not None:
-                delay = min(30.0, delay * 2 ** min(failures, 6)) * random.uniform(0.5, 1.0)
-            try:
-                async with asyncio.timeout(delay):
-                    await self._wakeup.wait()
-            except TimeoutError:
-                pass
-            self._wakeup.clear()
-            if self._closing:
-                return
-            try:
-                await self.refresh_topology()
-                failures = 0
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                failures += 1
-                logger.warning("topology refresh failed (keeping the last good topology): %s",
-                               describe_error(exc))
-                # Back off even if errors keep asking for refreshes: discovery is down.
-                await asyncio.sleep(min(5.0, 0.1 * 2 ** min(failures, 6)) * random.uniform(0.5, 1))
-            else:
-                await asyncio.sleep(_MIN_REFRESH_GAP)
-
-    async def _check_health(self) -> None:
-        """Every ``health_check_interval``, ping the idle connections of every instance.
-
-        A task of its own, so it runs with the poller off and a frozen instance
-        (each ping waits up to the connect timeout) never delays a refresh.
-        """
-        interval = self._health_check_interval
-        assert interval is not None
-        while not self._closing:
-            await asyncio.sleep(interval * random.uniform(0.9, 1.1))
-            members = [m for m in self._members.values() if m.ready]
-            results = await asyncio.gather(
-                *(self._check_idle_connections(m) for m in members), return_exceptions=True)
-            for member, result in zip(members, results, strict=True):
-                if isinstance(result, Exception):
-                    logger.warning("idle health check of %s failed: %s",
-                                   member.instance.label, describe_error(result))
-
-    async def _check_idle_connections(self, member: Member) -> None:
-        """Ping one instance's idle connections so a dead one is found before a user gets it.
-
-        Takes each idle connection briefly (never waiting for a busy pool) and
-        runs ``SELECT 1`` with the connect timeout. One that fails is terminated
-        (a silent network failure would otherwise hang its release) and marks its
-        instance as failed.
-        """
-        pool = member.pool
-        if pool is None or pool.is_closing():
-            return
-        taken: list[Any] = []  # hold them all: the sub-pool hands out LIFO
-        try:
-            for _ in range(pool.get_idle_size()):
-                try:
-                    taken.append(await pool.acquire(timeout=0.01))
-                except (TimeoutError, asyncpg.InterfaceError):
-                    break  # the pool got busy: users are checking connections for us
-            failures = await asyncio.gather(*(self._ping(c) for c in taken))
-            failure = next((f for f in failures if f is not None), None)
-            if failure is not None:
-                self._note_failure(member, failure)
-        finally:
-            for connection in taken:
-                raw = connection._con
-                if raw is not None and not raw.is_closed():
-                    self._skip_reset.add(raw)  # a ping leaves no session state
-                await self._release_quietly(member, connection)
-                self._skip_reset.discard(raw)
-
-    async def _ping(self, connection: Any) -> BaseException | None:
-        """The connection-level error a ping ran into, if any; a broken connection
-        is terminated here."""
-        try:
-            await connection.fetchval("SELECT 1", timeout=self._connect_timeout)
-        except (Exception, asyncio.CancelledError) as exc:
-            if connection._con is not None:
-                connection._con.terminate()  # cut short, it could hang its release
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            return exc if is_connection_error(exc) else None
-        return None
-
-    def _request_refresh(self) -> asyncio.Event:
-        """Ask the poller for a refresh now; the event is set when one finishes."""
-        event = self._refreshed
-        self._wakeup.set()
-        return event
+        return await self._membership.refresh()
 
     # -- choosing an instance ----------------------------------------------------------
 
     def _candidates(self, request: RoleRequest, excluded: Collection[str],
                     only: Collection[str] | None) -> list[Candidate]:
         """The instances that may serve *request* now, with their load (hot path)."""
-        topology = self._topology
+        topology = self._membership.topology
         if topology is None:
             return []
-        members = self._members
+        members = self._membership.members
         now = time.monotonic()
-        demoted = self._members_demoted
+        demoted = self._membership.demoted
         check_lag = request is not RoleRequest.PRIMARY and (
             self._max_lag_bytes is not None or self._max_lag_seconds is not None)
         usable: list[Instance] = []
@@ -603,28 +252,26 @@ class Pool:
         """``_candidates(request)`` reused until topology or health changes.
 
         Every event that changes who may serve (a refresh, a failure, a demotion,
-        a recovery) bumps ``_health_epoch``; a breaker that half-opens with time
+        a recovery) bumps the membership's ``health_epoch``; a breaker that half-opens with time
         is caught by ``_cache_valid_until``.
         """
-        if self._cache_epoch != self._health_epoch or (
+        if self._cache_epoch != self._membership.health_epoch or (
                 self._cache_valid_until is not _NEVER
                 and time.monotonic() >= self._cache_valid_until):
             self._candidate_cache.clear()
-            self._cache_epoch = self._health_epoch
+            self._cache_epoch = self._membership.health_epoch
             self._cache_valid_until = min(
-                (m.open_until for m in self._members.values() if m.open_until), default=_NEVER)
+                (m.open_until for m in self._membership.members.values() if m.open_until),
+                default=_NEVER)
         candidates = self._candidate_cache.get(request)
         if candidates is None:
             candidates = self._candidate_cache[request] = self._candidates(
                 request, _NOTHING_EXCLUDED, None)
         return candidates
 
-    def _health_changed(self) -> None:
-        self._health_epoch += 1
-
     def _lagging(self, instance: Instance) -> bool:
         """Whether a replica is too far behind to serve reads."""
-        lag_bytes, lag_seconds = self._lag.get(instance.id, (None, None))
+        lag_bytes, lag_seconds = self._membership.lag.get(instance.id, (None, None))
         if lag_bytes is None:
             lag_bytes = instance.lag_bytes
         if lag_seconds is None:
@@ -649,7 +296,8 @@ class Pool:
             # The common case, kept lean: a healthy instance and a ready sub-pool.
             candidates = self._cached_candidates(request)
             if candidates:
-                member = picked = self._members[self._strategy.pick(candidates).instance.id]
+                picked_id = self._strategy.pick(candidates).instance.id
+                member = picked = self._membership.members[picked_id]
                 if member.failures == 0 and member.ready:
                     started = time.monotonic()
                     try:
@@ -661,7 +309,7 @@ class Pool:
                             raise
                         if self._exhausted(member, exc, timeout):
                             raise  # every connection is busy: the user's timeout, as in asyncpg
-                        self._note_failure(member, exc)  # then the careful path below
+                        self._membership.note_failure(member, exc)  # then the careful path below
                         picked = None
                         if timeout is not None:  # what is left of the caller's timeout
                             timeout = max(0.001, timeout - (time.monotonic() - started))
@@ -690,7 +338,7 @@ class Pool:
                     raise self._no_instance(request, attempts)
                 # Wait for the topology to change (a failover in progress), then retry
                 # everything once more: breakers may have half-opened too.
-                event = self._request_refresh()
+                event = self._membership.request_refresh()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(event.wait(), min(remaining, 0.5))
                 self._check_open()
@@ -700,7 +348,7 @@ class Pool:
                                           for c in candidates):
                 member = picked  # the strategy already chose it: a half-open breaker's probe
             else:
-                member = self._members[self._strategy.pick(candidates).instance.id]
+                member = self._membership.members[self._strategy.pick(candidates).instance.id]
             picked = None
             probing = member.failures > 0  # half-open: this request is the probe
             if probing:
@@ -723,7 +371,7 @@ class Pool:
                     raise  # every connection is busy: the user's timeout, as in asyncpg
                 if not is_connection_error(exc) and not isinstance(exc, asyncpg.InterfaceError):
                     raise
-                self._note_failure(member, exc)
+                self._membership.note_failure(member, exc)
                 attempts[member.instance.label] = describe_error(exc)
                 excluded.add(member.instance.id)
                 continue
@@ -732,7 +380,7 @@ class Pool:
                 logger.info("instance %s is back", member.instance.label)
             if member.failures:
                 member.record_success()
-                self._health_changed()
+                self._membership.health_changed()
             return member, connection
 
     def _exhausted(self, member: Member, exc: BaseException, timeout: float | None) -> bool:
@@ -751,7 +399,7 @@ class Pool:
         reached *lsn* needs no round trip. Otherwise wait on one replica for up
         to ``causal_wait`` seconds, then use the primary.
         """
-        caught_up = [i for i, position in self._replay_lsn.items() if position >= lsn]
+        caught_up = [i for i, position in self._membership.replay_lsn.items() if position >= lsn]
         if caught_up:
             with contextlib.suppress(NoAvailableInstanceError, TimeoutError):
                 return await self._acquire_member(RoleRequest.REPLICA, 0.05, only=caught_up)
@@ -765,9 +413,9 @@ class Pool:
                     if await self._wait_replayed(member, connection, lsn):
                         return member, connection
                 except (Exception, asyncio.CancelledError):
-                    await self._release_quietly(member, connection)
+                    await self._membership.release_quietly(member, connection)
                     raise
-                await self._release_quietly(member, connection)
+                await self._membership.release_quietly(member, connection)
         return await self._acquire_member(RoleRequest.PRIMARY, None)
 
     async def _wait_replayed(self, member: Member, connection: Any, lsn: int) -> bool:
@@ -776,27 +424,18 @@ class Pool:
         while True:
             position = parse_lsn(await connection.fetchval(
                 "SELECT pg_last_wal_replay_lsn()::text")) or 0
-            self._replay_lsn[member.instance.id] = max(
-                position, self._replay_lsn.get(member.instance.id, 0))
+            self._membership.note_replayed(member.instance.id, position)
             if position >= lsn:
                 return True
             if loop.time() >= deadline:
                 return False
             await asyncio.sleep(0.005)
 
-    def _note_failure(self, member: Member, exc: BaseException) -> None:
-        self._acquire_errors += 1
-        error = describe_error(exc)
-        member.record_failure(error)
-        self._health_changed()
-        logger.warning("instance %s failed: %s", member.instance.label, error)
-        self._request_refresh()
-
     def _no_instance(self, request: RoleRequest, attempts: dict[str, str]) -> Exception:
-        topology = self._topology
+        topology = self._membership.topology
         if not attempts and topology is not None:
             for instance in topology.instances:
-                member = self._members.get(instance.id)
+                member = self._membership.members.get(instance.id)
                 if member is not None and member.last_error:
                     attempts[instance.label] = f"{member.breaker_state}: {member.last_error}"
         known = "none" if topology is None or not topology.instances else ", ".join(
@@ -835,11 +474,11 @@ class Pool:
         raw = connection._con  # None once asyncpg released a lost connection itself
         broken = raw is None or raw.is_closed()
         if broken:  # it broke in the user's hands: the instance may be gone
-            self._request_refresh()
+            self._membership.request_refresh()
         scope = _causal_scope.get()
         try:
             if (scope is not None or self._read_your_writes) and member.instance.role.writable \
-                    and not broken and not self._topology_symmetric:
+                    and not broken and not self._membership.symmetric:
                 await self._record_write_position(connection, scope)
         finally:
             await member.pool.release(connection, timeout=timeout)
@@ -848,7 +487,7 @@ class Pool:
                    kwargs: dict[str, Any], role: str | None,
                    default: RoleRequest | None = None) -> Any:
         """Route one statement, run it, and retry it where that is provably safe."""
-        symmetric = self._topology_symmetric
+        symmetric = self._membership.symmetric
         decision = self._decisions.get(
             (query, role, default, _route_scope.get(), symmetric)
         ) or await self._decide(query, role, default)
@@ -879,9 +518,9 @@ class Pool:
                 if raw is not None:
                     if is_connection_error(exc) or rejected_before_sending(exc):
                         raw.terminate()  # never hand a broken connection to the next user
-                    self._deep_reset.add(raw)
-                await self._release_quietly(member, connection)
-                self._deep_reset.discard(raw)
+                    self._membership.deep_reset.add(raw)
+                await self._membership.release_quietly(member, connection)
+                self._membership.deep_reset.discard(raw)
                 if isinstance(exc, asyncio.CancelledError) or self._closing:
                     raise
                 if not self._safe_to_retry(member, exc, decision):
@@ -899,10 +538,10 @@ class Pool:
             member.served += 1
             raw = connection._con
             marks: set[Any] | None = None
-            if decision.elide_reset and self._elision_safe:
-                marks = self._skip_reset
+            if decision.elide_reset and self._membership.elision_safe:
+                marks = self._membership.skip_reset
             elif decision.leaves_session_state:
-                marks = self._deep_reset
+                marks = self._membership.deep_reset
             if marks is None:
                 await member.pool.release(connection)
                 return result
@@ -920,16 +559,10 @@ class Pool:
         Writes the classifier missed (a user routed them with ``role=``, a hint
         or the router) must still move the read-your-writes position.
         """
-        if self._topology_symmetric or not member.instance.role.writable:
+        if self._membership.symmetric or not member.instance.role.writable:
             return False
         return decision.is_write or decision.request is RoleRequest.PRIMARY \
             or decision.instance is not None
-
-    async def _release_quietly(self, member: Member, connection: Any) -> None:
-        try:
-            await member.pool.release(connection)
-        except (Exception, asyncio.CancelledError) as exc:  # the connection is terminated
-            logger.debug("release after a failure: %s", describe_error(exc))
 
     def _safe_to_retry(self, member: Member, exc: BaseException, decision: Decision) -> bool:
         """Whether a failed statement may run again elsewhere, and note what it says.
@@ -940,38 +573,25 @@ class Pool:
         a demoted primary).
         """
         sqlstate = getattr(exc, "sqlstate", None)
-        if sqlstate == "25006" and member.instance.role.writable and not self._topology_symmetric:
+        if sqlstate == "25006" and member.instance.role.writable and not self._membership.symmetric:
             logger.warning("instance %s refused a write as read-only: it was demoted, or "
                            "is not promoted yet; refreshing the topology", member.instance.label)
             # Not a breaker failure: a primary still finishing its promotion is healthy,
-            # and _members_demoted keeps writes off it until the next refresh.
+            # and the demoted set keeps writes off it until the next refresh.
             member.last_error = describe_error(exc)
-            self._demoted(member)
+            self._membership.mark_demoted(member)
             return True
         rejected_locally = rejected_before_sending(exc)
         if not (is_connection_error(exc) or rejected_locally):
             return False
-        self._note_failure(member, exc)
+        self._membership.note_failure(member, exc)
         not_sent = rejected_locally or sqlstate == "57P03"
         return not decision.is_write or not_sent
-
-    def _demoted(self, member: Member) -> None:
-        """A former primary: stop writing to it at once and learn the new one."""
-        self._members_demoted.add(member.instance.id)
-        self._health_changed()
-        if member.pool is not None:
-            self._spawn(member.pool.expire_connections())
-        self._request_refresh()
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self._draining.add(task)
-        task.add_done_callback(self._draining.discard)
 
     async def _decide(self, query: str, role: str | None,
                       default: RoleRequest | None) -> Decision:
         scoped = _route_scope.get()
-        symmetric = self._topology_symmetric
+        symmetric = self._membership.symmetric
         key = (query, role, default, scoped, symmetric)
         decision = self._decisions.get(key)
         if decision is not None:
@@ -996,7 +616,7 @@ class Pool:
         unknown = [n for n in names if n not in self._volatility]
         if unknown:
             try:
-                conn = await self._service.service_connection()
+                conn = await self._membership.service.service_connection()
                 rows = await conn.fetch(
                     "SELECT lower(p.proname), bool_or(p.provolatile = 'v') FROM pg_proc p "
                     "JOIN pg_namespace n ON n.oid = p.pronamespace "
@@ -1119,11 +739,11 @@ class Pool:
             return parse_role(role, RoleRequest.PRIMARY)
         if scoped is not None:
             return scoped
-        return read_request(self._policy, self._topology_symmetric)
+        return read_request(self._policy, self._membership.symmetric)
 
     def _causal_lsn(self, request: RoleRequest) -> int:
         """The WAL position a read must see, in this task's scope or pool-wide."""
-        if request is RoleRequest.PRIMARY or self._topology_symmetric:
+        if request is RoleRequest.PRIMARY or self._membership.symmetric:
             return 0
         scope = _causal_scope.get()
         if scope is not None:
@@ -1159,7 +779,7 @@ class Pool:
 
         ``readonly=True`` may run on a replica (per the pool's read/write split).
         """
-        default = (read_request(self._policy, self._topology_symmetric) if readonly
+        default = (read_request(self._policy, self._membership.symmetric) if readonly
                    else RoleRequest.PRIMARY)
         request = parse_role(role, default) if role is not None else default
         connection = await self._acquire_routed(request, timeout)
@@ -1206,22 +826,17 @@ class Pool:
 
     async def expire_connections(self) -> None:
         """Expire every connection of every sub-pool (closed on their next release)."""
-        for member in list(self._members.values()):
+        for member in list(self._membership.members.values()):
             if member.pool is not None:
                 await member.pool.expire_connections()
 
     def set_connect_args(self, dsn: str | None = None, **connect_kwargs: Any) -> None:
         """New connection arguments for connections opened from now on."""
         self._dsn = dsn
-        self._connect_kwargs = connect_kwargs
-        self._service.set_connect_args(dsn, connect_kwargs)
-        for member in self._members.values():
-            if member.pool is not None:
-                member.pool.set_connect_args(
-                    asyncpg_dsn(dsn), **self._instance_connect_kwargs(member.instance))
+        self._membership.set_connect_args(dsn, connect_kwargs)
 
     def _sum(self, getter: Callable[[Any], int]) -> int:
-        return sum(getter(m.pool) for m in self._members.values() if m.ready)
+        return sum(getter(m.pool) for m in self._membership.members.values() if m.ready)
 
     def get_size(self) -> int:
         return self._sum(lambda p: p.get_size())
@@ -1230,22 +845,22 @@ class Pool:
         return self._sum(lambda p: p.get_idle_size())
 
     def get_min_size(self) -> int:
-        return int(self._pool_options["min_size"]) * len(self._members)
+        return int(self._pool_options["min_size"]) * len(self._membership.members)
 
     def get_max_size(self) -> int:
-        return int(self._pool_options["max_size"]) * len(self._members)
+        return int(self._pool_options["max_size"]) * len(self._membership.members)
 
     def get_init_size(self) -> int:
         init = self._pool_options.get("init_size")
         per_instance = self._pool_options["min_size"] if init is None else init
-        return int(per_instance) * len(self._members)
+        return int(per_instance) * len(self._membership.members)
 
     # -- observability ------------------------------------------------------------------
 
     def stats(self) -> PoolStats:
-        topology = self._topology
+        topology = self._membership.topology
         instances = []
-        for member in self._members.values():
+        for member in self._membership.members.values():
             i = member.instance
             instances.append(InstanceStats(
                 id=i.id, name=i.name, address=str(i.address), role=i.role.value,
@@ -1255,15 +870,15 @@ class Pool:
             ))
         return PoolStats(
             topology_version=topology.version if topology else 0,
-            provider=self._provider.name if self._provider else "undetected",
-            refreshes=self._refreshes,
-            refresh_failures=self._refresh_failures,
-            last_refresh_error=self._last_refresh_error,
-            acquire_errors=self._acquire_errors,
+            provider=self._membership.provider.name if self._membership.provider else "undetected",
+            refreshes=self._membership.refreshes,
+            refresh_failures=self._membership.refresh_failures,
+            last_refresh_error=self._membership.last_refresh_error,
+            acquire_errors=self._membership.failures_noted,
             retries=self._retries,
-            elision_safe=self._elision_safe,
+            elision_safe=self._membership.elision_safe,
             instances=tuple(instances),
-            draining=len(self._draining),
+            draining=len(self._membership.tasks),
         )
 
     def __repr__(self) -> str:
@@ -1271,11 +886,11 @@ class Pool:
                  else "ready" if self._initialized else "new")
         members = ", ".join(
             f"{m.instance.label} {m.instance.role.value} {m.in_use()}/{m.size()}"
-            for m in self._members.values()
+            for m in self._membership.members.values()
         )
-        version = self._topology.version if self._topology else 0
+        version = self._membership.topology.version if self._membership.topology else 0
         return (f"<picopool.Pool {state} dsn={mask_dsn(self._dsn)!r} "
-                f"provider={self._provider.name if self._provider else None} "
+                f"provider={self._membership.provider.name if self._membership.provider else None} "
                 f"topology=v{version} [{members}]>")
 
 

@@ -139,7 +139,7 @@ def test_create_pool_takes_every_asyncpg_argument() -> None:
 def test_create_pool_drops_loop() -> None:
     """``loop=`` is absorbed by ``**connect_kwargs`` and not passed on to asyncpg.connect."""
     pool = picopool.create_pool("postgres://user@127.0.0.1:1/db", loop=None)
-    assert "loop" not in pool._connect_kwargs
+    assert "loop" not in pool._membership._connect_kwargs
     pool.terminate()
 
 

@@ -302,10 +302,8 @@ async def test_service_connection_moves_when_its_instance_dies(
         # A crash Picodata has not noticed yet: the metadata still says Online.
         await harness(cluster.kill, service.name)
         await pool.refresh_topology()
-        # Workaround: Pool._refresh keeps the old Topology object, service_address
-        # included, while the instance list is unchanged (core bug, reported), so
-        # ask the service connections directly here.
-        moved_to = pool._service.service_address()
+        assert pool.topology is not None
+        moved_to = pool.topology.service_address
         assert moved_to is not None and moved_to.port in survivors
         assert set(await ports_served(pool, 12)) == survivors  # the dead one is skipped
 

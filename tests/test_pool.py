@@ -246,7 +246,7 @@ async def test_set_connect_args_keeps_the_connect_timeout(cluster: LocalCluster,
                                                           make_pool: PoolFactory) -> None:
     pool = await make_pool(cluster.dsn, connect_timeout=1.5)
     pool.set_connect_args(cluster.dsn)
-    for member in pool._members.values():
+    for member in pool._membership.members.values():
         assert member.pool._connect_kwargs.get("timeout") == 1.5
 
 
@@ -612,7 +612,7 @@ async def test_skip_reset_does_not_keep_closed_connections(cluster: LocalCluster
     pool = await make_pool(cluster.dsn, max_size=1, max_queries=2)
     for _ in range(6):
         assert await pool.fetchval("select 1", role="primary") == 1
-    assert not [c for c in pool._skip_reset if c.is_closed()]
+    assert not [c for c in pool._membership.skip_reset if c.is_closed()]
 
 
 async def test_joined_instance_is_routed_as_soon_as_it_is_in_the_topology(
@@ -633,7 +633,7 @@ async def test_joined_instance_is_routed_as_soon_as_it_is_in_the_topology(
         measuring.set()
         await release.wait()  # a slow replica under load
 
-    monkeypatch.setattr(pool, "_measure_lag", slow_measure)
+    monkeypatch.setattr(pool._membership, "measure_lag", slow_measure)
     provider.hidden.clear()
     refresh = asyncio.ensure_future(pool.refresh_topology())
     try:
