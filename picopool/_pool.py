@@ -399,6 +399,9 @@ class Pool:
         reached *lsn* needs no round trip. Otherwise wait on one replica for up
         to ``causal_wait`` seconds, then use the primary.
         """
+        if not self._cached_candidates(RoleRequest.REPLICA):
+            # No replica can serve now: don't wait for one (nor ask for refreshes).
+            return await self._acquire_member(RoleRequest.PRIMARY, None)
         caught_up = [i for i, position in self._membership.replay_lsn.items() if position >= lsn]
         if caught_up:
             with contextlib.suppress(NoAvailableInstanceError, TimeoutError):

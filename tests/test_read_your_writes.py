@@ -20,6 +20,7 @@ import pytest
 
 import picopool
 from picopool.cluster import LocalCluster
+from picopool.discovery import Streaming
 
 pytestmark = pytest.mark.integration
 
@@ -86,6 +87,27 @@ async def test_without_a_scope_a_replica_misses_the_write(
         await cycle(pool, tally)
     assert tally.counts == {"replica": 3}
     assert tally.misses == 3
+
+
+async def test_without_replicas_causal_reads_go_straight_to_the_primary(
+    delayed: LocalCluster, make_pool: PoolFactory
+) -> None:
+    """No replica can serve: reads in scope neither wait ``causal_wait`` for one nor
+    ask for topology refreshes."""
+    primary = delayed.primary
+    pool = await make_pool(delayed.dsn, discovery=Streaming([f"{primary.host}:{primary.port}"]),
+                           topology_refresh_interval=None, causal_wait=5.0)
+    refreshes = pool.stats().refreshes
+    tally = Tally(delayed)
+    started = time.monotonic()
+    async with pool.read_your_writes():
+        for _ in range(5):
+            await cycle(pool, tally)
+    assert tally.counts == {"primary": 5}
+    assert tally.misses == 0
+    assert time.monotonic() - started < 5  # never waited causal_wait for a replica
+    await asyncio.sleep(0.2)  # a refresh asked for would have run by now
+    assert pool.stats().refreshes == refreshes
 
 
 async def test_500_sequential_cycles_in_one_scope(
