@@ -1,0 +1,117 @@
+"""picopool's own CPU cost per pool-level statement, with the server taken out.
+
+    python bench/routing_cost.py [--calls 200000] [--rounds 5]
+
+Starts one local PostgreSQL instance and a picopool pool over it, then swaps
+the instance's asyncpg sub-pool for a stand-in whose acquire, fetchval and
+release return at once. ``pool.fetchval`` then costs only picopool's own work
+(the route decision, picking the instance, the retry frame); the same three
+calls made directly on the stand-in are subtracted. Compare the result with
+the client CPU per query that ``bench/overhead.py`` prints for bare asyncpg.
+Each figure is the best of --rounds rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from typing import Any
+
+import picopool
+from picopool.cluster import LocalCluster
+from picopool.discovery import Static
+
+QUERY = "SELECT $1::int"
+
+
+class _Connection:
+    async def fetchval(self, query: str, *args: Any, column: int = 0,
+                       timeout: float | None = None) -> int:
+        return 1
+
+
+class _Proxy:
+    def __init__(self) -> None:
+        self._con = _Connection()
+
+
+class _SubPool:
+    """Just enough of asyncpg.Pool for picopool's fast path."""
+
+    _initialized = True
+    _initializing = False
+
+    def __init__(self) -> None:
+        self._proxy = _Proxy()
+
+    async def acquire(self, timeout: float | None = None) -> _Proxy:
+        return self._proxy
+
+    async def release(self, connection: _Proxy, timeout: float | None = None) -> None:
+        return None
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_max_size(self) -> int:
+        return 1
+
+    def get_idle_size(self) -> int:
+        return 1
+
+    def get_size(self) -> int:
+        return 1
+
+
+async def per_call(calls: int, step: Any) -> float:
+    started = time.perf_counter()
+    for _ in range(calls):
+        await step()
+    return (time.perf_counter() - started) / calls * 1e6
+
+
+async def run(calls: int, rounds: int) -> None:
+    cluster = LocalCluster(replicas=0)
+    await asyncio.to_thread(cluster.start)
+    try:
+        pool = await picopool.create_pool(
+            cluster.primary.dsn, discovery=Static(), min_size=1, max_size=1,
+            elide_reset=False, topology_refresh_interval=None, health_check_interval=None)
+        stand_in = _SubPool()
+        members = list(pool._membership.members.values())
+        real = [m.pool for m in members]
+        for member in members:
+            member.pool = stand_in
+
+        async def through_picopool() -> None:
+            await pool.fetchval(QUERY, 1)
+
+        async def direct() -> None:
+            connection = await stand_in.acquire()
+            await connection._con.fetchval(QUERY, 1)
+            await stand_in.release(connection)
+
+        try:
+            ours = min([await per_call(calls, through_picopool) for _ in range(rounds)])
+            bare = min([await per_call(calls, direct) for _ in range(rounds)])
+        finally:
+            for member, sub_pool in zip(members, real, strict=True):
+                member.pool = sub_pool
+            await pool.close()
+        print(f"pool.fetchval through picopool: {ours:.2f} us; the same calls made directly: "
+              f"{bare:.2f} us; picopool's own cost: {ours - bare:.2f} us per statement")
+    finally:
+        await asyncio.to_thread(cluster.stop)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--calls", type=int, default=200_000)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    asyncio.run(run(args.calls, args.rounds))
+
+
+if __name__ == "__main__":
+    main()
