@@ -87,3 +87,68 @@ async def test_a_failed_write_in_flight_is_not_retried(
         assert pool.stats().retries == 0
     finally:
         await killer.close()
+
+
+@pytest.mark.parametrize("settle", [0.0, 0.05], ids=["at-once", "after-close"])
+async def test_a_write_on_a_connection_killed_while_idle_runs_at_most_once(
+    cluster: LocalCluster, make_pool: PoolFactory, settle: float
+) -> None:
+    """The server ended the pooled connection while it sat idle. Right after the FATAL
+    arrives asyncpg refuses the next statement locally ("cannot switch to state"):
+    never sent, so picopool retries it. Once the socket is closed, asyncpg's pool
+    reconnects. If the statement went out before the FATAL came in, it may have run,
+    and the error reaches the caller. In no case does the write run twice."""
+    pool, pid = await one_connection_pool(cluster, make_pool, max_retries=2)
+    await pool.execute("create table if not exists retry_idle (n int)")
+    await pool.execute("truncate retry_idle")
+    killer = await asyncpg.connect(cluster.primary.dsn)
+    try:
+        for _ in range(5):
+            assert await killer.fetchval("select pg_terminate_backend($1)", pid)
+            await asyncio.sleep(settle)
+            before = await killer.fetchval("select count(*) from retry_idle")
+            try:
+                await pool.execute("insert into retry_idle values (1)")
+            except asyncpg.ConnectionDoesNotExistError:  # sent before the FATAL came in
+                assert await killer.fetchval("select count(*) from retry_idle") <= before + 1
+            else:
+                assert await killer.fetchval("select count(*) from retry_idle") == before + 1
+            pid = await pool.fetchval("select pg_backend_pid()", role="primary")
+    finally:
+        await killer.close()
+
+
+async def test_asyncpg_errors_for_a_connection_killed_while_idle_are_recognised(
+    cluster: LocalCluster,
+) -> None:
+    """A canary for asyncpg upgrades: picopool tells these errors apart by their text."""
+    from picopool._member import is_connection_error, rejected_before_sending
+
+    seen: set[str] = set()
+    killer = await asyncpg.connect(cluster.primary.dsn)
+    try:
+        for wait_closed in [False] * 8 + [True]:
+            victim = await asyncpg.connect(cluster.primary.dsn)
+            try:
+                assert await killer.fetchval(
+                    "select pg_terminate_backend($1)", victim.get_server_pid())
+                await asyncio.sleep(0)
+                for _ in range(500):
+                    if not wait_closed or victim.is_closed():
+                        break
+                    await asyncio.sleep(0.01)
+                with pytest.raises(Exception) as raised:
+                    await victim.fetchval("select 1")
+                error = raised.value
+                seen.add(type(error).__name__)
+                assert is_connection_error(error), error
+                if isinstance(error, asyncpg.ConnectionDoesNotExistError):
+                    assert not rejected_before_sending(error)  # it was sent: may have run
+                else:
+                    assert isinstance(error, asyncpg.InterfaceError | asyncpg.InternalClientError)
+                    assert rejected_before_sending(error), error
+            finally:
+                victim.terminate()
+    finally:
+        await killer.close()
+    assert "InterfaceError" in seen, seen  # the closed socket, at least once
