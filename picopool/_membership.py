@@ -375,10 +375,15 @@ class Membership:
     @staticmethod
     async def release_quietly(member: Member, connection: Any) -> None:
         """Release after a failure; the release's own error (the connection is
-        terminated then) is only logged."""
+        terminated then) is only logged. A cancellation of the caller is not
+        swallowed: asyncpg's release is shielded, so it completes anyway."""
         try:
             await member.pool.release(connection)
         except (Exception, asyncio.CancelledError) as exc:
+            task = asyncio.current_task()
+            if isinstance(exc, asyncio.CancelledError) and task is not None \
+                    and task.cancelling():
+                raise
             logger.debug("release after a failure: %s", describe_error(exc))
 
     def instance_connect_kwargs(self, instance: Instance) -> dict[str, Any]:
@@ -471,12 +476,19 @@ class Membership:
             if failure is not None:
                 self.note_failure(member, failure)
         finally:
-            for connection in taken:
+            cancelled: asyncio.CancelledError | None = None
+            for connection in taken:  # every one, even if cancelled half-way
                 raw = connection._con
                 if raw is not None and not raw.is_closed():
                     self.skip_reset.add(raw)  # a ping leaves no session state
-                await self.release_quietly(member, connection)
-                self.skip_reset.discard(raw)
+                try:
+                    await self.release_quietly(member, connection)
+                except asyncio.CancelledError as exc:
+                    cancelled = exc
+                finally:
+                    self.skip_reset.discard(raw)
+            if cancelled is not None:
+                raise cancelled
 
     async def _ping(self, connection: Any) -> BaseException | None:
         """The connection-level error a ping ran into, if any; a broken connection

@@ -63,9 +63,6 @@ _DECISION_CACHE_SIZE = 4096
 _NOTHING_EXCLUDED: frozenset[str] = frozenset()
 _NEVER = float("inf")
 
-# Error-triggered refreshes come no closer together than this.
-_MIN_REFRESH_GAP = 0.05
-
 
 class Pool:
     """A pool of connections to every instance of a cluster.
