@@ -858,9 +858,10 @@ class Pool:
     # -- observability ------------------------------------------------------------------
 
     def stats(self) -> PoolStats:
-        topology = self._membership.topology
+        membership = self._membership
+        topology = membership.topology
         instances = []
-        for member in self._membership.members.values():
+        for member in membership.members.values():
             i = member.instance
             instances.append(InstanceStats(
                 id=i.id, name=i.name, address=str(i.address), role=i.role.value,
@@ -870,27 +871,28 @@ class Pool:
             ))
         return PoolStats(
             topology_version=topology.version if topology else 0,
-            provider=self._membership.provider.name if self._membership.provider else "undetected",
-            refreshes=self._membership.refreshes,
-            refresh_failures=self._membership.refresh_failures,
-            last_refresh_error=self._membership.last_refresh_error,
-            acquire_errors=self._membership.failures_noted,
+            provider=membership.provider.name if membership.provider else "undetected",
+            refreshes=membership.refreshes,
+            refresh_failures=membership.refresh_failures,
+            last_refresh_error=membership.last_refresh_error,
+            acquire_errors=membership.failures_noted,
             retries=self._retries,
-            elision_safe=self._membership.elision_safe,
+            elision_safe=membership.elision_safe,
             instances=tuple(instances),
-            draining=len(self._membership.tasks),
+            draining=len(membership.tasks),
         )
 
     def __repr__(self) -> str:
+        membership = self._membership
         state = ("closed" if self._closed else "closing" if self._closing
                  else "ready" if self._initialized else "new")
         members = ", ".join(
             f"{m.instance.label} {m.instance.role.value} {m.in_use()}/{m.size()}"
-            for m in self._membership.members.values()
+            for m in membership.members.values()
         )
-        version = self._membership.topology.version if self._membership.topology else 0
-        return (f"<picopool.Pool {state} dsn={mask_dsn(self._dsn)!r} "
-                f"provider={self._membership.provider.name if self._membership.provider else None} "
+        version = membership.topology.version if membership.topology else 0
+        provider = membership.provider.name if membership.provider else None
+        return (f"<picopool.Pool {state} dsn={mask_dsn(self._dsn)!r} provider={provider} "
                 f"topology=v{version} [{members}]>")
 
 
