@@ -55,7 +55,7 @@ class Membership:
         check_elision: bool,
         user_reset: Callable[[Any], Any] | None,
     ) -> None:
-        self._dsn = dsn
+        self.dsn = dsn  # the user's, as given: mask it wherever it is shown
         self._connect_kwargs = connect_kwargs
         self._pool_options = pool_options  # asyncpg.create_pool's, per instance
         self.seeds = tuple(seeds)
@@ -350,8 +350,8 @@ class Membership:
         self._provider_reset = provider_options.pop("reset", None)
         options.update(provider_options)
         options["reset"] = self._reset_connection
-        return asyncpg.create_pool(asyncpg_dsn(self._dsn), **options,
-                                   **self.instance_connect_kwargs(instance))
+        return asyncpg.create_pool(asyncpg_dsn(self.dsn), **options,
+                                   **self._instance_connect_kwargs(instance))
 
     async def _reset_connection(self, connection: Any) -> None:
         """The sub-pools' reset: skipped where provably unneeded (asyncpg has
@@ -386,7 +386,7 @@ class Membership:
                 raise
             logger.debug("release after a failure: %s", describe_error(exc))
 
-    def instance_connect_kwargs(self, instance: Instance) -> dict[str, Any]:
+    def _instance_connect_kwargs(self, instance: Instance) -> dict[str, Any]:
         """The user's connect kwargs, pointed at one instance."""
         kwargs = dict(self._connect_kwargs)
         kwargs.update(host=instance.address.host, port=instance.address.port)
@@ -396,13 +396,13 @@ class Membership:
 
     def set_connect_args(self, dsn: str | None, connect_kwargs: dict[str, Any]) -> None:
         """New connection arguments for every connection opened from now on."""
-        self._dsn = dsn
+        self.dsn = dsn  # the user's, as given: mask it wherever it is shown
         self._connect_kwargs = connect_kwargs
         self.service.set_connect_args(dsn, connect_kwargs)
         for member in self.members.values():
             if member.pool is not None:
                 member.pool.set_connect_args(
-                    asyncpg_dsn(dsn), **self.instance_connect_kwargs(member.instance))
+                    asyncpg_dsn(dsn), **self._instance_connect_kwargs(member.instance))
 
     # -- background tasks --------------------------------------------------------------
 

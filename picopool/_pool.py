@@ -102,7 +102,6 @@ class Pool:
         min_size, max_size = pool_options["min_size"], pool_options["max_size"]
         if max_size <= 0 or min_size < 0 or min_size > max_size:
             raise ConfigurationError(f"invalid sizes min_size={min_size} max_size={max_size}")
-        self._dsn = dsn
         self._pool_options = pool_options
         self._strategy: BalanceStrategy = strategy or RoundRobin()
         self._failover_timeout = failover_timeout
@@ -832,7 +831,6 @@ class Pool:
 
     def set_connect_args(self, dsn: str | None = None, **connect_kwargs: Any) -> None:
         """New connection arguments for connections opened from now on."""
-        self._dsn = dsn
         self._membership.set_connect_args(dsn, connect_kwargs)
 
     def _sum(self, getter: Callable[[Any], int]) -> int:
@@ -892,7 +890,7 @@ class Pool:
         )
         version = membership.topology.version if membership.topology else 0
         provider = membership.provider.name if membership.provider else None
-        return (f"<picopool.Pool {state} dsn={mask_dsn(self._dsn)!r} provider={provider} "
+        return (f"<picopool.Pool {state} dsn={mask_dsn(membership.dsn)!r} provider={provider} "
                 f"topology=v{version} [{members}]>")
 
 

@@ -26,7 +26,6 @@ Recovery times are printed and appended as JSON lines to
 The asynchronous-replication scenario only reports how many acknowledged writes
 were lost: with asynchronous replication that is allowed to be more than zero.
 
-Two strict xfails reproduce library bugs deterministically (see their reasons).
 The HA scenarios need ``.ci/install-servers.sh`` (etcd, Patroni venv, pg_auto_failover).
 """
 
@@ -48,7 +47,7 @@ import pytest
 from harness._process import HarnessUnavailable
 from harness.autofailover import AutoFailoverCluster
 from harness.patroni import PatroniCluster
-from load import CREATE_TABLE, INSERT, ErrorRecord, LoadReport, MixedLoad
+from load import CREATE_TABLE, INSERT, LoadReport, MixedLoad
 
 import picopool
 from picopool.cluster import LocalCluster, LocalNode
@@ -65,13 +64,6 @@ TIMES_FILE = Path(os.environ.get("PICOPOOL_FAILOVER_TIMES", "/tmp/picopool-failo
 FAST_DIR = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
 RUN_ID = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S")
 
-#: Read errors caused by a known picopool bug (test_fatal_on_idle_pooled_connection_is_retried):
-#: a dying server's FATAL reaches an idle pooled connection before its close does, asyncpg
-#: then refuses the next statement with InternalClientError before sending anything, and
-#: picopool does not retry it. The race is intermittent, so the load tests count these
-#: separately (and record them) instead of failing at random; the deterministic
-#: reproduction below is a strict xfail. Empty this set once the bug is fixed.
-KNOWN_BUG_ERRORS: frozenset[str] = frozenset()
 
 #: Pool options for the failover scenarios: notice changes fast, enough connections.
 FAILOVER_POOL: dict[str, Any] = {
@@ -439,15 +431,10 @@ async def test_replica_kill_no_failed_reads(
         reads_after_kill=len(reads_after),
         errors=report.errors_by_type(),
     )
-    assert not unexplained_read_failures(report), report.read_errors[:5]
+    assert not report.read_errors, report.read_errors[:5]
     assert len(reads_after) > 50
     await pool.close()
     cluster.stop()
-
-
-def unexplained_read_failures(report: LoadReport) -> list[ErrorRecord]:
-    """Read errors not explained by the known bug (KNOWN_BUG_ERRORS)."""
-    return [e for e in report.read_errors if e.type not in KNOWN_BUG_ERRORS]
 
 
 def breaker_view(pool: picopool.Pool, address: str) -> picopool.InstanceStats | None:
@@ -501,7 +488,7 @@ async def test_circuit_breaker_visible(
     assert after_static is not None and after_static.failures > 0
     assert after_streaming is None or after_streaming.failures > 0
     for report in reports:
-        assert not unexplained_read_failures(report), report.read_errors[:5]
+        assert not report.read_errors, report.read_errors[:5]
         assert [r for r in report.reads if r.ok and r.started > t_kill + 1.0], (
             "reads did not keep succeeding after the kill"
         )

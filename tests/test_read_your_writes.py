@@ -131,7 +131,7 @@ async def test_500_concurrent_cycles_each_in_its_scope(
     delayed: LocalCluster, make_pool: PoolFactory, record_property: Callable[[str, object], None]
 ) -> None:
     # causal_wait above the apply delay: reads wait for a replica to catch up.
-    # Sub-pools are big enough that no replica acquire has to wait (see the xfail below).
+    # Sub-pools are big enough that no replica acquire has to wait.
     workers, cycles = 25, 20
     pool = await make_pool(delayed.dsn, causal_wait=1.5, min_size=workers + 2,
                            max_size=workers + 2)
