@@ -60,6 +60,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from ._builtins import NON_VOLATILE_BUILTINS, REPLICA_SAFE_VOLATILE, VOLATILE_BUILTINS
+
 __all__ = [
     "VALID_ROLES",
     "Classification",
@@ -69,7 +71,9 @@ __all__ = [
     "clear_cache",
     "format_hint",
     "is_write",
+    "known_read_only",
     "parse_hint",
+    "read_only_builtins",
     "strip_comments",
     "strip_hint",
 ]
@@ -109,6 +113,11 @@ class Classification:
     leaves_session_state: bool  # True: the connection must be reset after it
     hint: RoutingHint | None  # parsed from a comment at the very start or end
     reason: str  # short why, e.g. "select", "DML", "locking clause"
+    # False when the statement may call a function missing from `functions`: it is
+    # unparseable, or names an operator (OPERATOR(...)) or a TABLESAMPLE method that is
+    # not built in.  Calls no lexer can see (operators, casts, views, defaults,
+    # triggers) are never listed: `functions` is what the statement's text calls.
+    functions_complete: bool = True
 
     @property
     def is_write(self) -> bool:
@@ -295,8 +304,41 @@ _NOT_FUNCTIONS = frozenset({
     "inner", "outer", "cross", "natural", "insert", "update", "delete", "merge",
     "partition",
 })
+# Names above that PostgreSQL also takes as a function name: its unreserved and
+# type/function-name keywords, and words that became keywords only in later servers
+# (json_value, ...).  Where an expression starts, "day(x)" calls a function "day".
+_CALLABLE_KEYWORDS = frozenset({
+    # unreserved
+    "columns", "conflict", "cube", "day", "delete", "escape", "filter", "first", "hour",
+    "include", "insert", "key", "materialized", "merge", "minute", "month", "next",
+    "operator", "options", "over", "partition", "repeatable", "rollup", "second", "set",
+    "sets", "update", "varying", "within", "year", "zone",
+    # type/function-name keywords
+    "collation", "cross", "ilike", "inner", "is", "isnull", "join", "like", "natural",
+    "notnull", "outer", "overlaps", "similar",
+    # keywords only since PostgreSQL 16 or 17
+    "json", "json_array", "json_arrayagg", "json_exists", "json_object",
+    "json_objectagg", "json_query", "json_scalar", "json_serialize", "json_table",
+    "json_value", "merge_action", "system_user",
+})
+# Reserved keywords (and BY) after which an expression can start.
+_EXPRESSION_STARTS = frozenset({
+    "all", "and", "any", "array", "as", "asc", "both", "by", "case", "check", "default",
+    "desc", "distinct", "do", "else", "except", "fetch", "for", "foreign", "from", "group",
+    "having", "in", "intersect", "lateral", "leading", "limit", "not", "offset", "on",
+    "only", "or", "order", "placing", "primary", "returning", "select", "some",
+    "symmetric", "asymmetric", "then", "to", "trailing", "union", "using", "variadic",
+    "when", "where", "window", "with",
+})
+# ... except in these pairs, which are syntax: NOT LIKE (, ON CONFLICT (, FETCH FIRST (,
+# PRIMARY KEY (.
+_KEYWORD_SYNTAX = frozenset({
+    ("not", "like"), ("not", "ilike"), ("not", "similar"), ("on", "conflict"),
+    ("fetch", "first"), ("fetch", "next"), ("primary", "key"), ("foreign", "key"),
+})
 # A name right after these is a table, alias or type, so "name(" is not a call.
 _NAME_CONTEXTS = frozenset({"::", "as", "into", "tablesample", "references", "copy"})
+_BUILTIN_TABLESAMPLE_METHODS = frozenset({"bernoulli", "system"})
 
 # Functions that must run on the primary: they write, assign a transaction id, or
 # belong to the session that ran nextval() (currval, lastval).
@@ -385,6 +427,30 @@ def _is_write_function(name: str) -> bool:
     return name.startswith(_WRITE_FUNCTION_PREFIXES) and name not in _READ_ONLY_LO_FUNCTIONS
 
 
+def _is_primary_builtin(name: str) -> bool:
+    """A VOLATILE built-in that a replica must not run (see picopool._builtins)."""
+    return name in VOLATILE_BUILTINS and name not in REPLICA_SAFE_VOLATILE
+
+
+def known_read_only(name: str) -> bool:
+    """Whether *name* (as in ``Classification.functions``) is a built-in known to only
+    read: STABLE or IMMUTABLE, or a VOLATILE one a replica may run
+    (``picopool._builtins.REPLICA_SAFE_VOLATILE``), and not one that writes or takes
+    a transaction id (nextval, txid_current, pg_advisory_*, lo_*, ...).
+
+    It says nothing about a user function of the same name in another schema (a call
+    may resolve to one): :class:`picopool._catalog.FunctionCatalog` checks that too.
+    """
+    if _is_write_function(name):
+        return False
+    return name in NON_VOLATILE_BUILTINS or name in REPLICA_SAFE_VOLATILE
+
+
+def read_only_builtins(functions: frozenset[str]) -> frozenset[str]:
+    """The names in *functions* that :func:`known_read_only` accepts."""
+    return frozenset(name for name in functions if known_read_only(name))
+
+
 def _is_name(token: str) -> bool:
     first = token[0]
     return first == '"' or first == "_" or "a" <= first <= "z" or first >= "\x80"
@@ -411,12 +477,14 @@ class _Scan(NamedTuple):
     locking: bool  # FOR UPDATE / NO KEY UPDATE / SHARE / KEY SHARE anywhere
     select_into: bool
     balanced: bool
+    complete: bool  # every call the text makes is in `functions`
 
 
 def _scan(tokens: list[str], head: int) -> _Scan:
     """One pass over a statement whose leading keyword is ``tokens[head]``."""
     functions: set[str] = set()
     modifies_data = dml_after_with = locking = select_into = False
+    complete = True
     with_states = [_NO_WITH]  # per open parenthesis, plus the statement level
     openers: list[str] = []  # the token before each open parenthesis
     last_closed_opener = ""
@@ -427,8 +495,10 @@ def _scan(tokens: list[str], head: int) -> _Scan:
         if token == "(":
             if index - 1 > head and _is_name(prev) and with_states[-1] != _WITH_CTES:
                 name = _called_function(tokens, index, head, last_closed_opener)
-                if name is not None:
+                if name:
                     functions.add(name)
+                elif name is not None:
+                    complete = False
             openers.append(prev)
             with_states.append(_NO_WITH)
         elif token == ")":
@@ -462,24 +532,80 @@ def _scan(tokens: list[str], head: int) -> _Scan:
     else:
         balanced = not openers
     return _Scan(frozenset(functions), modifies_data, dml_after_with, locking, select_into,
-                 balanced)
+                 balanced, complete and balanced)
+
+
+_UNATTRIBUTED = ""  # _called_function: something runs here, but which function is unknown
 
 
 def _called_function(tokens: list[str], paren: int, head: int, closed: str) -> str | None:
-    """The function called by ``name(`` just before ``tokens[paren]``, or None when the
-    name is a keyword, a table, an alias or a type rather than a function."""
+    """The function called by ``name(`` just before ``tokens[paren]``, None when the
+    name is a keyword, a table, an alias or a type rather than a function, or
+    _UNATTRIBUTED for a call to a function the text does not name (a user operator,
+    a TABLESAMPLE method that is not built in)."""
     name = tokens[paren - 1]
     first = paren - 1  # walk back over a qualified name: schema.name(
     while first - 2 >= head and tokens[first - 1] == "." and _is_name(tokens[first - 2]):
         first -= 2
     before = tokens[first - 1] if first > head else ""
     if first == paren - 1 and name in _NOT_FUNCTIONS:
+        if name == "operator":  # a OPERATOR(schema.+) b: a built-in unless qualified otherwise
+            return None if tokens[paren + 1 : paren + 3] == ["pg_catalog", "."] else _UNATTRIBUTED
+        if name in _CALLABLE_KEYWORDS and _starts_expression(before) \
+                and (before, name) not in _KEYWORD_SYNTAX \
+                and not (name in _GROUPING_CLAUSES and _grouping_item(tokens, first, head)):
+            return name
         return None
     if before in _NAME_CONTEXTS:
+        if before == "tablesample" and name not in _BUILTIN_TABLESAMPLE_METHODS:
+            return _UNATTRIBUTED
         return None
     if before == ")" and closed != "on":  # alias column list: f(x) AS t(a) / s(a)
         return None  # but DISTINCT ON (x) f(y) is a call
     return _function_name(name)
+
+
+_GROUPING_CLAUSES = frozenset({"cube", "rollup"})
+_GROUP_BY_ENDS = frozenset({
+    "select", "from", "where", "having", "window", "order", "limit", "offset", "fetch",
+    "union", "intersect", "except", "returning", "on", "using", "for",
+})
+
+
+def _grouping_item(tokens: list[str], name: int, head: int) -> bool:
+    """Whether ``tokens[name]`` starts an item of a GROUP BY list (where CUBE ( and
+    ROLLUP ( are grouping sets, not function calls)."""
+    if tokens[name - 1] not in (",", "by", "all", "distinct"):
+        return False
+    depth = 0
+    for index in range(name - 1, head, -1):
+        token = tokens[index]
+        if token == ")":
+            depth += 1
+        elif token == "(":
+            if depth == 0:
+                return False
+            depth -= 1
+        elif depth == 0:
+            if token == "by":
+                return tokens[index - 1] == "group"
+            if token in _GROUP_BY_ENDS:
+                return False
+    return False
+
+
+def _starts_expression(before: str) -> bool:
+    """Whether an expression may start right after the token *before* ("" at the
+    start): after punctuation, an operator or a reserved keyword, not after an
+    operand (a name, literal, number, parameter or closing bracket)."""
+    if not before:
+        return True
+    first = before[0]
+    if first in "\"'$)]" or first.isdigit():
+        return False
+    if _is_name(before):
+        return before in _EXPRESSION_STARTS
+    return True
 
 
 class _Verdict(NamedTuple):
@@ -487,10 +613,11 @@ class _Verdict(NamedTuple):
     reason: str
     functions: frozenset[str]
     leaves_session_state: bool
+    functions_complete: bool = True
 
 
 _EMPTY: frozenset[str] = frozenset()
-_UNPARSEABLE = _Verdict(StatementKind.WRITE, "unparseable", _EMPTY, True)
+_UNPARSEABLE = _Verdict(StatementKind.WRITE, "unparseable", _EMPTY, True, False)
 
 
 def _unsafe(functions: frozenset[str]) -> bool:
@@ -499,19 +626,24 @@ def _unsafe(functions: frozenset[str]) -> bool:
 
 def _select_verdict(reason: str, scan: _Scan, with_clause: bool) -> _Verdict:
     """A statement that reads unless something inside it writes."""
-    functions = scan.functions
+    functions, complete = scan.functions, scan.complete
     if not scan.balanced:
-        return _Verdict(StatementKind.WRITE, "unparseable", functions, True)
+        return _Verdict(StatementKind.WRITE, "unparseable", functions, True, False)
     if scan.modifies_data:
         why = "data-modifying CTE" if with_clause and not scan.dml_after_with else "DML"
-        return _Verdict(StatementKind.WRITE, why, functions, _unsafe(functions))
+        return _Verdict(StatementKind.WRITE, why, functions, _unsafe(functions), complete)
     if scan.locking:
-        return _Verdict(StatementKind.WRITE, "locking clause", functions, _unsafe(functions))
+        return _Verdict(StatementKind.WRITE, "locking clause", functions, _unsafe(functions),
+                        complete)
     if scan.select_into:  # creates a table, possibly a session's TEMP one
-        return _Verdict(StatementKind.WRITE, "select into", functions, True)
-    if functions and any(_is_write_function(name) for name in functions):
-        return _Verdict(StatementKind.WRITE, "write function", functions, True)
-    return _Verdict(StatementKind.READ, reason, functions, _unsafe(functions))
+        return _Verdict(StatementKind.WRITE, "select into", functions, True, complete)
+    if functions:
+        if any(_is_write_function(name) for name in functions):
+            return _Verdict(StatementKind.WRITE, "write function", functions, True, complete)
+        if any(_is_primary_builtin(name) for name in functions):
+            return _Verdict(StatementKind.WRITE, "volatile built-in", functions,
+                            _unsafe(functions), complete)
+    return _Verdict(StatementKind.READ, reason, functions, _unsafe(functions), complete)
 
 
 _EXPLAIN_OFF_VALUES = frozenset({"false", "off", "no", "0"})
@@ -558,8 +690,10 @@ def _explain_verdict(tokens: list[str]) -> _Verdict:
 
 
 def _copy_verdict(tokens: list[str]) -> _Verdict:
-    """COPY ... TO reads (a table or a query); COPY ... FROM writes."""
+    """COPY ... TO STDOUT reads (a table or a query); COPY ... FROM writes, and so does
+    COPY ... TO a server-side file or PROGRAM (on the primary, never a random replica)."""
     scan = _scan(tokens, 0)
+    functions, complete = scan.functions, scan.complete
     depth = 0
     for index, token in enumerate(tokens):
         if token == "(":
@@ -569,10 +703,15 @@ def _copy_verdict(tokens: list[str]) -> _Verdict:
         elif depth == 0 and token == "from":
             break
         elif depth == 0 and token == "to":
-            if tokens[index + 1 : index + 2] == ["program"]:  # runs a server command
-                return _Verdict(StatementKind.WRITE, "copy to program", scan.functions, True)
+            target = tokens[index + 1 : index + 2]
+            if target == ["program"]:  # runs a server command
+                return _Verdict(StatementKind.WRITE, "copy to program", functions, True,
+                                complete)
+            if target != ["stdout"]:  # a file on the server
+                return _Verdict(StatementKind.WRITE, "copy to file", functions,
+                                _unsafe(functions), complete)
             return _select_verdict("copy to", scan, with_clause=False)
-    return _Verdict(StatementKind.WRITE, "copy from", scan.functions, _unsafe(scan.functions))
+    return _Verdict(StatementKind.WRITE, "copy from", functions, _unsafe(functions), complete)
 
 
 def _statement_verdict(tokens: list[str]) -> _Verdict:
@@ -596,12 +735,13 @@ def _statement_verdict(tokens: list[str]) -> _Verdict:
         return _select_verdict(reason, scan, with_clause=keyword == "with")
     if keyword in _DML:
         if not scan.balanced:
-            return _Verdict(StatementKind.WRITE, "unparseable", scan.functions, True)
-        return _Verdict(StatementKind.WRITE, "DML", scan.functions, _unsafe(scan.functions))
+            return _Verdict(StatementKind.WRITE, "unparseable", scan.functions, True, False)
+        return _Verdict(StatementKind.WRITE, "DML", scan.functions, _unsafe(scan.functions),
+                        scan.complete)
     reason = _WRITE_STATEMENT_REASONS.get(keyword, "unknown statement")
     if keyword == "prepare" and tokens[head + 1 : head + 2] == ["transaction"]:
         reason = "transaction control"
-    return _Verdict(StatementKind.WRITE, reason, scan.functions, True)
+    return _Verdict(StatementKind.WRITE, reason, scan.functions, True, scan.complete)
 
 
 def _verdict(query: str) -> _Verdict:
@@ -632,6 +772,7 @@ def _verdict(query: str) -> _Verdict:
         "multi-statement",
         _EMPTY.union(*(v.functions for v in verdicts)),
         any(v.leaves_session_state for v in verdicts),
+        all(v.functions_complete for v in verdicts),
     )
 
 
@@ -742,7 +883,8 @@ def _classify_uncached(query: str) -> Classification:
     verdict = _verdict(query)
     hint = _find_hint(query) if "*/" in query else None
     return Classification(
-        verdict.kind, verdict.functions, verdict.leaves_session_state, hint, verdict.reason
+        verdict.kind, verdict.functions, verdict.leaves_session_state, hint, verdict.reason,
+        verdict.functions_complete,
     )
 
 
