@@ -1,12 +1,13 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import asyncpg
 
 from .._errors import TopologyError, describe_error
 from .._member import is_connection_error
-from ._base import DiscoveryContext, DiscoveryProvider
+from ._base import DiscoveryContext, DiscoveryProvider, service_session
 from ._picodata import Picodata
 from ._streaming import Streaming
 
@@ -19,6 +20,15 @@ _PROBE_TIMEOUT = 5.0
 _ATTEMPTS = 2  # a service connection that breaks mid-probe gets one more try elsewhere
 
 
+async def _probe(connection: Any) -> Exception | None:
+    """Run the Picodata probe; what it raised, if anything."""
+    try:
+        await connection.fetchval(_PICODATA_PROBE, timeout=_PROBE_TIMEOUT)
+    except Exception as exc:
+        return exc
+    return None
+
+
 async def detect_provider(ctx: DiscoveryContext) -> DiscoveryProvider:
     """Pick a provider for a DSN given without ``discovery=``.
 
@@ -29,31 +39,31 @@ async def detect_provider(ctx: DiscoveryContext) -> DiscoveryProvider:
     failures: list[str] = []
     for _ in range(_ATTEMPTS):
         try:
-            connection = await ctx.service_connection()
+            async with service_session(ctx) as connection:
+                where = ctx.service_address()
+                error = await _probe(connection)
+                if error is not None and is_connection_error(error):
+                    ctx.discard()  # while no one else can have reopened it
         except TopologyError as exc:
             seeds = ", ".join(str(s) for s in ctx.seeds) or "none"
             raise TopologyError(
                 f"cannot auto-detect the cluster kind: no seed reachable (seeds: {seeds}): {exc}"
             ) from exc
-        where = ctx.service_address()
         provider: DiscoveryProvider
-        try:
-            await connection.fetchval(_PICODATA_PROBE, timeout=_PROBE_TIMEOUT)
-        except Exception as exc:
-            if is_connection_error(exc):
-                ctx.discard()
-                failures.append(f"{where}: {describe_error(exc)}")
+        if error is not None:
+            if is_connection_error(error):
+                failures.append(f"{where}: {describe_error(error)}")
                 continue
-            if not isinstance(exc, asyncpg.PostgresError):
-                raise
-            if exc.sqlstate == _UNDEFINED_TABLE:
+            if not isinstance(error, asyncpg.PostgresError):
+                raise error
+            if error.sqlstate == _UNDEFINED_TABLE:
                 provider = Streaming()
                 reason = "no _pico_peer_address table"
             else:
                 # The table exists but is not readable: Picodata with a restricted
                 # user. Discovery will report the problem precisely.
                 provider = Picodata()
-                reason = f"_pico_peer_address exists ({describe_error(exc)})"
+                reason = f"_pico_peer_address exists ({describe_error(error)})"
         else:
             provider = Picodata()
             reason = "_pico_peer_address found"

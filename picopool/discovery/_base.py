@@ -1,7 +1,8 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -13,6 +14,13 @@ class DiscoveryContext(Protocol):
 
     Connections it hands out are owned by the pool: providers must not close
     them, and should call :meth:`discard` when one breaks.
+
+    The pool's context (``picopool._service.ServiceConnections``) also has
+    ``service_session()`` and ``probe_session(address)``: async context managers that
+    lend the connection and keep everyone else (the pool's own catalog checks, lag
+    probes) off it until the block ends, since a connection runs one query at a
+    time.  Providers should go through :func:`service_session` and
+    :func:`probe_session` below, which use them when the context has them.
     """
 
     @property
@@ -76,6 +84,30 @@ class DiscoveryProvider(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+@contextlib.asynccontextmanager
+async def service_session(ctx: DiscoveryContext) -> AsyncIterator[Any]:
+    """``async with service_session(ctx) as conn``: the service connection, held
+    exclusively for the block when *ctx* supports sessions."""
+    session = getattr(ctx, "service_session", None)
+    if session is None:  # a context of the user's or a test's: no sharing to guard
+        yield await ctx.service_connection()
+        return
+    async with session() as connection:
+        yield connection
+
+
+@contextlib.asynccontextmanager
+async def probe_session(ctx: DiscoveryContext, address: Address) -> AsyncIterator[Any]:
+    """``async with probe_session(ctx, address) as conn``: the probe connection to
+    *address*, held exclusively for the block when *ctx* supports sessions."""
+    session = getattr(ctx, "probe_session", None)
+    if session is None:
+        yield await ctx.connection(address)
+        return
+    async with session(address) as connection:
+        yield connection
 
 
 def address_id(address: Address) -> str:

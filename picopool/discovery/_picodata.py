@@ -20,7 +20,7 @@ import asyncpg
 from .._errors import ConfigurationError, TopologyError, describe_error
 from .._member import is_connection_error
 from .._topology import Address, Instance, Role, normalize_host
-from ._base import Discovered, DiscoveryContext, DiscoveryProvider, address_id
+from ._base import Discovered, DiscoveryContext, DiscoveryProvider, address_id, service_session
 
 logger = logging.getLogger("picopool.discovery")
 
@@ -183,16 +183,20 @@ class Picodata(DiscoveryProvider):
 
     async def discover(self, ctx: DiscoveryContext) -> Discovered:
         for attempt in range(_RETRIES_ON_ANOTHER_INSTANCE + 1):
-            connection = await ctx.service_connection()
-            service = ctx.service_address()
+            service: Address | None = None
             try:
-                rows, basic = await self._read_metadata(connection, service)
+                async with service_session(ctx) as connection:
+                    service = ctx.service_address()
+                    try:
+                        rows, basic = await self._read_metadata(connection, service)
+                    except Exception as exc:
+                        if is_connection_error(exc):
+                            # The instance is gone: the next service connection goes
+                            # elsewhere.
+                            ctx.discard()
+                        raise
             except Exception as exc:
-                if not is_connection_error(exc):
-                    raise
-                # The instance is gone: the next service connection goes elsewhere.
-                ctx.discard()
-                if attempt == _RETRIES_ON_ANOTHER_INSTANCE:
+                if not is_connection_error(exc) or attempt == _RETRIES_ON_ANOTHER_INSTANCE:
                     raise
                 logger.warning("reading Picodata metadata from %s failed (%s); "
                                "retrying on another instance", service, describe_error(exc))

@@ -6,7 +6,14 @@ from collections.abc import Sequence
 
 from .._errors import TopologyError, describe_error
 from .._topology import Address, Instance, Role
-from ._base import Discovered, DiscoveryContext, DiscoveryProvider, address_id, unique_addresses
+from ._base import (
+    Discovered,
+    DiscoveryContext,
+    DiscoveryProvider,
+    address_id,
+    probe_session,
+    unique_addresses,
+)
 
 logger = logging.getLogger("picopool.discovery")
 
@@ -58,8 +65,8 @@ class Streaming(DiscoveryProvider):
         self, ctx: DiscoveryContext, address: Address, failures: dict[Address, str]
     ) -> tuple[int, Instance] | None:
         try:
-            async with asyncio.timeout(self._probe_timeout):
-                conn = await ctx.connection(address)
+            async with asyncio.timeout(self._probe_timeout), \
+                    probe_session(ctx, address) as conn:
                 in_recovery = await conn.fetchval(_PROBE)
                 timeline = 0 if in_recovery else await conn.fetchval(_TIMELINE)
         except Exception as exc:
