@@ -1,9 +1,25 @@
-"""DSN parsing: seed hosts from multi-host DSNs, and password masking.
+"""DSN parsing: seed hosts from multi-host DSNs, checks, and masking of secrets.
 
 asyncpg parses the DSN itself when it connects; picopool only needs the list
 of seed addresses (to find the cluster) and a safe spelling for logs.
 Per-instance sub-pools reuse the user's DSN and override ``host``/``port``,
 which asyncpg lets explicit keyword arguments do.
+
+**Secrets.** A parameter is secret when its name (any case, percent-decoded)
+contains ``password``, ``passwd``, ``pwd``, ``secret``, ``token``, ``credential``
+or ``apikey``/``api_key``: libpq's ``password`` and ``sslpassword``, and custom
+settings such as ``?myapp.api_token=``. ``sslkey``, ``sslcert`` and ``passfile``
+name files, not secrets, and stay visible. :func:`mask_dsn` replaces the value of
+every secret parameter, and the password of a URL's user info, with ``***``;
+every DSN picopool shows (reprs, logs, errors) goes through it.
+
+**Unencoded passwords.** In a URL the password must be percent-encoded. A ``/``,
+``?``, ``#`` or ``@`` left in it changes what asyncpg (and libpq) read: the host
+part ends early and the rest of the password becomes a port, the path or the
+query. :func:`mask_dsn` therefore takes the user info to run up to the *last*
+``@`` of the URL (it may hide more than the password, never less), and
+:func:`asyncpg_dsn` refuses such a URL with a :class:`ConfigurationError` that
+shows only the masked DSN, before asyncpg can echo a piece of it in its own errors.
 """
 
 from __future__ import annotations
@@ -18,22 +34,131 @@ from ._errors import ConfigurationError
 from ._topology import Address
 
 DEFAULT_PORT = 5432
+MASK = "***"
 
 _URL_PREFIXES = ("postgres://", "postgresql://")
-_KV_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
-_URL_PASSWORD = re.compile(r"^(\s*postgres(?:ql)?://[^:@/]*:)([^@/]*)(@)", re.IGNORECASE)
-_QUERY_PASSWORD = re.compile(r"([?&]password=)([^&]*)", re.IGNORECASE)
+_ANY_URL = re.compile(r"\s*[A-Za-z][A-Za-z0-9+.-]*://")
+_KEY_VALUE_START = re.compile(r"\s*[A-Za-z_][\w.]*\s*=")
+_KV_PAIR = re.compile(r"([A-Za-z_][\w.]*)(\s*=\s*)('(?:[^'\\]|\\.)*(?:'|\\?$)|\S*)")
+# A value runs to the next "&name=": a stray "&" without "=" after it stays in the value.
+_QUERY_PAIR = re.compile(r"[?&]([^=&?#]*)=([^&]*(?:&(?![^=&?#]*=)[^&]*)*)")
+_SECRET_NAME = re.compile(r"pass(?:word|wd)|pwd|secret|token|credential|api_?key", re.IGNORECASE)
+_ENCODE_HINT = (
+    "its user name or password seems to hold a character that a URL needs "
+    "percent-encoded ('/', '?', '#', '@', a tab or line break, or a look-alike of "
+    "these); percent-encode them (urllib.parse.quote(password, safe='')) or use "
+    "the password= argument"
+)
+
+
+def is_secret_parameter(name: str) -> bool:
+    """True if a connection parameter (DSN key or keyword argument) named *name* is a secret."""
+    return bool(_SECRET_NAME.search(urllib.parse.unquote_plus(name)))
 
 
 def mask_dsn(dsn: str | None) -> str:
-    """Return *dsn* with any password replaced by ``***``."""
+    """Return *dsn* with its password and every other secret replaced by ``***``.
+
+    See the module docstring for what counts as a secret. URLs: the user info's
+    password (up to the last ``@``) and secret query parameters (each value up to
+    the next ``&name=``). Key/value DSNs: the values of secret keys, quoted or not. Any
+    other text: whatever lies between its first ``:`` and its last ``@``, and
+    ``?name=value`` / ``&name=value`` pairs with a secret name.
+    """
     if not dsn:
         return ""
-    masked = _URL_PASSWORD.sub(r"\1***\3", dsn)
-    masked = _QUERY_PASSWORD.sub(r"\1***", masked)
-    if not masked.lstrip().lower().startswith(_URL_PREFIXES):
-        masked = _KV_PASSWORD.sub(r"\1***", masked)
-    return masked
+    if _ANY_URL.match(dsn):
+        head = dsn.index("://") + 3
+        return dsn[:head] + _mask_spans(dsn[head:], _userinfo_spans(dsn[head:]))
+    if _KEY_VALUE_START.match(dsn):
+        return _KV_PAIR.sub(_mask_kv_pair, dsn)
+    return _mask_spans(dsn, _userinfo_spans(dsn))
+
+
+def _userinfo_spans(text: str) -> list[tuple[int, int]]:
+    """Spans of *text* (a URL after ``scheme://``) that hold secrets."""
+    spans: list[tuple[int, int]] = []
+    at = text.rfind("@")
+    colon = text.find(":", 0, at) if at >= 0 else -1
+    if colon >= 0:
+        spans.append((colon + 1, at))
+    for match in _QUERY_PAIR.finditer(text):
+        if is_secret_parameter(match.group(1)):
+            spans.append(match.span(2))
+    return spans
+
+
+def _mask_spans(text: str, spans: list[tuple[int, int]]) -> str:
+    """*text* with each span (overlapping spans merged) replaced by ``***``."""
+    merged: list[list[int]] = []
+    for start, end in sorted(spans):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    pieces = []
+    position = 0
+    for start, end in merged:
+        pieces += [text[position:start], MASK]
+        position = end
+    pieces.append(text[position:])
+    return "".join(pieces)
+
+
+def _mask_kv_pair(match: re.Match[str]) -> str:
+    if not is_secret_parameter(match.group(1)):
+        return match.group(0)
+    return match.group(1) + match.group(2) + MASK
+
+
+def _url_problem(dsn: str) -> str | None:
+    """Why asyncpg would misread the URL *dsn* (or echo a piece of it), or None.
+
+    asyncpg reads the host part up to the first ``/``, ``?`` or ``#`` and splits
+    the user info off at its first ``@``; an ``@`` elsewhere (outside a
+    ``name=value`` query parameter) means the password was not percent-encoded.
+    """
+    if any(c in dsn for c in "\t\r\n"):
+        return _ENCODE_HINT  # urllib drops them silently, so the password would change
+    try:
+        query = urllib.parse.urlsplit(dsn).query
+    except ValueError:  # its message quotes the host part, password included
+        return _ENCODE_HINT
+    rest = dsn.split("://", 1)[1]
+    cut = min([i for i in (rest.find(c) for c in "/?#") if i >= 0], default=len(rest))
+    netloc, remainder = rest[:cut], rest[cut:]
+    hostspec = netloc.partition("@")[2] if "@" in netloc else netloc
+    if "@" in hostspec:
+        return _ENCODE_HINT
+    if "@" in remainder:
+        if "=" not in remainder[: remainder.rfind("@")]:
+            return _ENCODE_HINT
+        if "@" not in netloc and not _valid_hostspec(hostspec):
+            return _ENCODE_HINT
+    if query:
+        try:  # asyncpg parses the query strictly; its error quotes the bad field
+            urllib.parse.parse_qs(query, strict_parsing=True)
+        except ValueError:
+            return ("its query string is malformed (every parameter must be name=value, "
+                    "joined by '&', with '&', '#' and '=' in values percent-encoded)")
+    return None
+
+
+def _valid_hostspec(hostspec: str) -> bool:
+    try:
+        for item in _split_top_level_commas(hostspec):
+            Address.parse(urllib.parse.unquote(item), default_port=DEFAULT_PORT)
+    except ValueError:
+        return False
+    return True
+
+
+def check_url(dsn: str) -> None:
+    """Raise :class:`ConfigurationError` (showing only the masked DSN) if asyncpg would
+    misread the URL *dsn*, most often because of a password that is not percent-encoded."""
+    problem = _url_problem(dsn)
+    if problem is not None:
+        raise ConfigurationError(f"invalid DSN {mask_dsn(dsn)!r}: {problem}")
 
 
 def _split_hosts(hosts: str, ports: str | None) -> list[Address]:
@@ -64,9 +189,10 @@ def _port(text: str) -> int:
 
 
 def _url_hosts(dsn: str) -> list[Address]:
+    check_url(dsn)
     rest = dsn.split("://", 1)[1]
-    netloc = re.split(r"[/?]", rest, maxsplit=1)[0]
-    netloc = netloc.rsplit("@", 1)[-1]
+    netloc = re.split(r"[/?#]", rest, maxsplit=1)[0]  # as urllib and asyncpg split it
+    netloc = netloc.partition("@")[2] if "@" in netloc else netloc
     query = urllib.parse.parse_qs(urllib.parse.urlsplit(dsn).query)
     if not netloc:
         if "host" in query:
@@ -98,11 +224,13 @@ def asyncpg_dsn(dsn: str | None) -> str | None:
 
     asyncpg parses only URLs; libpq's ``host=a port=1 dbname=x`` spelling is
     turned into ``postgresql://`` with every other key as a query parameter.
+    A URL that asyncpg would misread (see :func:`check_url`) is refused.
     """
     if not dsn:
         return dsn
     dsn = dsn.strip()
     if dsn.lower().startswith(_URL_PREFIXES):
+        check_url(dsn)
         return dsn
     if "=" not in dsn:
         raise ConfigurationError(f"unrecognised DSN {mask_dsn(dsn)!r}")
