@@ -8,6 +8,8 @@ succeeding: a replica would refuse them as read-only.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
@@ -457,3 +459,60 @@ async def test_check_function_volatility(shared: LocalCluster, make_pool: PoolFa
     plain = await make_pool(shared.dsn)
     assert (await where(pool=plain, cluster=shared, call=plain.fetchval(
         f"select {S}.vol_fn()"))).startswith("replica")
+
+
+# -- volatile built-ins (defect 14) -------------------------------------------------
+
+SERVER_LOCAL = [
+    "select pg_current_wal_lsn()::text",  # fails on a replica
+    "select pg_current_wal_insert_lsn()::text",  # fails on a replica
+    "select pg_reload_conf()",  # would reload a random replica's configuration
+    "select pg_terminate_backend(0)",  # would act on a random replica ("not a backend")
+    "select pg_stat_reset()",  # would reset a random replica's statistics
+]
+
+
+@pytest.mark.parametrize("query", SERVER_LOCAL)
+async def test_volatile_built_ins_go_to_the_primary(
+    shared: LocalCluster, make_pool: PoolFactory, query: str
+) -> None:
+    pool = await make_pool(shared.dsn)
+    for _ in range(3):
+        assert await where(pool, shared, pool.fetchval(query)) == "primary"
+
+
+async def test_copy_to_a_server_file_or_program_goes_to_the_primary(
+    shared: LocalCluster, make_pool: PoolFactory
+) -> None:
+    pool = await make_pool(shared.dsn)
+    target = f"/tmp/picopool-h6-copy-{time.monotonic_ns()}.csv"
+    try:
+        assert await where(pool, shared, pool.execute(
+            f"COPY {S}.t TO '{target}' (FORMAT csv)")) == "primary"
+        assert await where(pool, shared, pool.execute(
+            f"COPY (SELECT * FROM {S}.t) TO PROGRAM 'cat > /dev/null'")) == "primary"
+    finally:
+        with contextlib.suppress(FileNotFoundError):  # the server wrote it, on this machine
+            os.unlink(target)
+    # COPY ... TO STDOUT still reads on a replica
+    assert (await where(pool, shared, pool.copy_from_query(
+        f"SELECT * FROM {S}.t", output=_ignore))).startswith("replica")
+
+
+async def _ignore(data: bytes) -> None:
+    return None
+
+
+@pytest.mark.parametrize("query", [
+    "select now()",
+    "select lower('x')",
+    f"select count(*) from {S}.t",
+    "select random(), clock_timestamp(), pg_is_in_recovery()",
+    f"select pg_relation_size('{S}.t')",
+])
+async def test_stable_and_allowed_built_ins_stay_on_replicas(
+    shared: LocalCluster, make_pool: PoolFactory, query: str
+) -> None:
+    pool = await make_pool(shared.dsn)
+    servers = [await where(pool, shared, pool.fetchval(query)) for _ in range(4)]
+    assert sorted(servers) == ["replica0", "replica0", "replica1", "replica1"]
