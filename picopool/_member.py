@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
+import weakref
 from typing import Any
 
-import asyncpg
-
+from ._errors import PoolClosedError
+from ._outcome import is_connection_error, rejected_before_sending
 from ._topology import Instance
+
+__all__ = ["Member", "is_connection_error", "rejected_before_sending"]
 
 
 class Member:
@@ -23,13 +27,18 @@ class Member:
     __slots__ = (
         "_init_task",
         "_make_pool",
+        "acquiring",
         "failures",
+        "inflight",
         "instance",
+        "interrupted",
         "last_error",
+        "last_used",
         "open_until",
         "pool",
         "probing",
         "served",
+        "unresponsive",
     )
 
     def __init__(self, instance: Instance, make_pool: Any) -> None:
@@ -42,11 +51,21 @@ class Member:
         self.last_error: str | None = None
         self.open_until = 0.0  # monotonic time before which the breaker is open
         self.probing = False  # a half-open breaker lets one request through at a time
+        # Work on this instance now, for the liveness watch: checked-out connection
+        # (asyncpg's proxy) -> when it was checked out; task -> when it began to acquire.
+        self.inflight: dict[Any, float] = {}
+        self.acquiring: dict[asyncio.Task[Any], float] = {}
+        self.interrupted: set[asyncio.Task[Any]] = set()  # acquirers cut off by the watch
+        # Raw connection -> when it was last released (the checkout check pings
+        # one idle for longer than the health-check interval).
+        self.last_used: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+        self.unresponsive = False  # the liveness watch got no answer: no traffic until one
 
     @property
     def ready(self) -> bool:
         pool = self.pool
-        return pool is not None and pool._initialized and not pool._initializing
+        return (pool is not None and pool._initialized and not pool._initializing
+                and not pool._closed)
 
     async def ensure_ready(self) -> Any:
         """The initialised sub-pool, creating or re-creating it if needed."""
@@ -59,7 +78,16 @@ class Member:
                 self.pool = self._make_pool(self.instance)
             # A task, so that a cancelled waiter does not abort the initialisation.
             self._init_task = asyncio.ensure_future(self._initialise(self.pool))
-        await asyncio.shield(self._init_task)
+        task = self._init_task
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if (current is not None and current.cancelling()) or not task.cancelled():
+                raise  # the caller's own cancellation
+            # close() or a drain stopped the start-up: not the caller's cancellation.
+            raise PoolClosedError(
+                f"the sub-pool of {self.instance.label} was closed while starting") from None
         return self.pool
 
     async def _initialise(self, pool: Any) -> None:
@@ -112,12 +140,14 @@ class Member:
         """Wait for checked-out connections to come back, then close; terminate on timeout."""
         task, self._init_task = self._init_task, None
         if task is not None and not task.done():
-            task.cancel()
+            task.cancel()  # asyncpg terminates what a failed start-up had opened
+            await asyncio.gather(task, return_exceptions=True)
         pool = self.pool
         if pool is None:
             return
         if not self.ready:
-            pool.terminate()
+            if not pool._initializing:
+                pool.terminate()
             return
         try:
             await asyncio.wait_for(asyncio.shield(pool.close()), drain_timeout)
@@ -126,50 +156,25 @@ class Member:
             raise
 
     def terminate(self) -> None:
+        """Terminate every connection now; never raises.
+
+        A sub-pool still starting cannot be terminated by asyncpg ("pool is being
+        initialized"): its start-up task is cancelled instead, and asyncpg's failed
+        initialisation terminates the connections it had opened.
+        """
         task, self._init_task = self._init_task, None
         if task is not None and not task.done():
             task.cancel()
-        if self.pool is not None:
-            self.pool.terminate()
+        pool = self.pool
+        if pool is not None and not pool._initializing:
+            with contextlib.suppress(Exception):  # never stop the caller's loop over members
+                pool.terminate()
+        for connection in list(self.inflight):
+            if connection._con is not None:
+                connection._con.terminate()
 
     def __repr__(self) -> str:
         return (
             f"<Member {self.instance.label} {self.instance.role.value} "
             f"size={self.size()} in_use={self.in_use()} breaker={self.breaker_state}>"
         )
-
-
-def is_connection_error(exc: BaseException) -> bool:
-    """Errors that say the instance (not the statement) is the problem."""
-    if isinstance(exc, OSError | TimeoutError | ConnectionError):
-        return True
-    if _broken_protocol(exc):  # a FATAL (shutdown) arrived on an idle connection
-        return True
-    if isinstance(exc, asyncpg.ConnectionDoesNotExistError | asyncpg.ConnectionFailureError):
-        return True
-    if isinstance(exc, asyncpg.InterfaceError) and "connection" in str(exc).lower() and (
-        "closed" in str(exc).lower() or "lost" in str(exc).lower()
-    ):
-        return True
-    sqlstate = getattr(exc, "sqlstate", None)
-    return sqlstate in {"57P01", "57P02", "57P03", "08000", "08003", "08006", "08001", "08004"}
-
-
-def rejected_before_sending(exc: BaseException) -> bool:
-    """asyncpg refused the statement locally: the server never saw it.
-
-    "connection is closed" comes from the check before sending; "cannot switch
-    to state" means the server's FATAL arrived on an idle pooled connection
-    before the socket closed, and asyncpg rejects the next statement.
-    """
-    if isinstance(exc, asyncpg.InterfaceError) and "connection is closed" in str(exc):
-        return True
-    return _broken_protocol(exc)
-
-
-def _broken_protocol(exc: BaseException) -> bool:
-    """asyncpg's protocol is stuck in its error or failed state: the server sent a
-    FATAL error (such as a shutdown's 57P01) to an idle connection whose socket has
-    not closed yet. Misuse (two operations at once) raises a different error."""
-    return isinstance(exc, asyncpg.InternalClientError) and str(exc).startswith(
-        "cannot switch to state")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -12,17 +13,24 @@ import asyncpg
 
 from ._dsn import asyncpg_dsn
 from ._errors import NoAvailableInstanceError, TopologyError, describe_error
-from ._member import Member, is_connection_error
+from ._member import Member
 from ._service import ServiceConnections
-from ._sql_probes import DEALLOCATE_SQL_PREPARED, ELISION_SAFE_QUERY, REPLICA_LAG_QUERY
+from ._sql_probes import ELISION_SAFE_QUERY, REPLICA_LAG_QUERY
 from ._topology import Address, Instance, Topology, plan_reconcile
 from ._wal import parse_lsn
 from .discovery import DiscoveryProvider, detect_provider
 
 logger = logging.getLogger("picopool")
 
-# Error-triggered refreshes come no closer together than this.
+# Refreshes asked for by errors and waiting requests come no closer together than
+# this; while they keep finding nothing new, the gap doubles up to the maximum.
 _MIN_REFRESH_GAP = 0.05
+_MAX_DEMAND_GAP = 0.5
+# The liveness watch: how often it looks, how long work may sit on an instance
+# before it asks the instance whether it is alive, and how long it waits for an answer.
+_WATCH_INTERVAL = 0.5
+_STALL_AFTER = 0.5
+_PROBE_TIMEOUT = 1.5
 
 
 class Membership:
@@ -33,7 +41,10 @@ class Membership:
     change expires connections), then measures replica lag and whether reset
     elision is sound. Two background tasks, owned here and stopped by
     :meth:`aclose` / :meth:`terminate`, keep it fresh: the poller (every
-    ``refresh_interval`` and whenever an error asks) and the idle health checker.
+    ``refresh_interval``, and whenever an error or a waiting request asks, spaced
+    out while such refreshes find nothing new) and the liveness watch (an
+    instance with work stuck on it is asked whether it is alive; no answer within
+    the probe timeout takes it out of service and cuts the work stuck on it).
 
     The pool routes over :attr:`members` and :attr:`topology`; whenever who may
     serve changes, :attr:`health_epoch` moves so that its caches follow.
@@ -49,11 +60,12 @@ class Membership:
         provider: DiscoveryProvider | None,
         service_dsn: str | None,
         refresh_interval: float | None,
-        health_check_interval: float | None,
         connect_timeout: float,
+        health_check_interval: float | None,
         drain_timeout: float,
         check_elision: bool,
         user_reset: Callable[[Any], Any] | None,
+        probe_timeout: float = _PROBE_TIMEOUT,
     ) -> None:
         self.dsn = dsn  # the user's, as given: mask it wherever it is shown
         self._connect_kwargs = connect_kwargs
@@ -63,19 +75,20 @@ class Membership:
         self.service = ServiceConnections(
             dsn=dsn, connect_kwargs=connect_kwargs, seeds=self.seeds, service_dsn=service_dsn,
             current=lambda: self.topology, connect_timeout=connect_timeout,
+            connect=pool_options.get("connect"),
         )
         self._refresh_interval = refresh_interval
+        self._probe_timeout = probe_timeout
         self._health_check_interval = health_check_interval
         self._connect_timeout = connect_timeout
         self._drain_timeout = drain_timeout
         self._check_elision = check_elision
         self._user_reset = user_reset
         self._provider_reset: Callable[[Any], Any] | None = None
-        # Raw connections whose last statement provably left no session state:
-        # their release skips asyncpg's reset round trip.
-        self.skip_reset: set[Any] = set()
-        # Raw connections whose reset must also drop SQL-level prepared statements.
-        self.deep_reset: set[Any] = set()
+        # Whether picopool runs asyncpg's reset itself on release (the executor
+        # decides per checkout); not when the user's reset= or the provider's
+        # replaces it: the sub-pools then call that one on every release.
+        self.picopool_resets = user_reset is None
 
         self.topology: Topology | None = None
         self.symmetric = False  # every instance serves everything (Picodata)
@@ -99,7 +112,9 @@ class Membership:
         self._refresh_lock = asyncio.Lock()
         self._refreshed = asyncio.Event()  # set after each refresh attempt, then replaced
         self._wakeup = asyncio.Event()
-        self._closing = False
+        self.demand_refreshes = 0  # refreshes that errors or waiting requests asked for
+        self._liveness: dict[str, Any] = {}  # instance id -> the watch's own connection
+        self.closing = False
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -117,8 +132,7 @@ class Membership:
                 f"(seeds: {', '.join(map(str, self.seeds))})")
         await self._warm_up()
         self._background.append(asyncio.ensure_future(self._poll()))
-        if self._health_check_interval is not None:
-            self._background.append(asyncio.ensure_future(self._check_health()))
+        self._background.append(asyncio.ensure_future(self._watch()))
 
     async def _warm_up(self) -> None:
         members = list(self.members.values())
@@ -139,12 +153,13 @@ class Membership:
 
     async def aclose(self) -> None:
         """Stop the background tasks, then drain and close every sub-pool."""
-        self._closing = True
+        self.closing = True
         tasks, self._background = self._background, []
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.service.aclose()
+        self._close_liveness()
         members, self.members = list(self.members.values()), {}
         for member in members:
             self.drain(member)
@@ -154,19 +169,33 @@ class Membership:
             await self.provider.aclose()
 
     def terminate(self) -> None:
-        """Terminate every connection and task at once."""
-        self._closing = True
+        """Terminate every connection and task at once; never raises half-way."""
+        self.closing = True
         for task in (*self._background, *self.tasks):
             task.cancel()
         for member in list(self.members.values()):
             member.terminate()
         self.members.clear()
+        self._close_liveness()
         self.service.terminate()
         if self.provider is not None:
             self.provider.terminate()
 
+    def _close_liveness(self) -> None:
+        connections, self._liveness = list(self._liveness.values()), {}
+        for connection in connections:
+            connection.terminate()
+
     def drain(self, member: Member) -> None:
-        """Close *member*'s sub-pool once its checked-out connections come back."""
+        """Close *member*'s sub-pool once its checked-out connections come back.
+
+        An instance that stopped answering is terminated at once: its work was
+        cut already, and a graceful close would wait for answers that never come.
+        """
+        if member.unresponsive:
+            member.terminate()
+            return
+
         async def drain() -> None:
             try:
                 await member.close(self._drain_timeout)
@@ -205,10 +234,23 @@ class Membership:
         self.request_refresh()
 
     def request_refresh(self) -> asyncio.Event:
-        """Ask the poller for a refresh now; the event is set when one finishes."""
+        """Ask the poller for a refresh soon; the event is set when one finishes.
+
+        Requests coalesce: all those made before a refresh starts are served by it,
+        and the poller spaces such refreshes out while they find nothing new.
+        """
         event = self._refreshed
         self._wakeup.set()
         return event
+
+    async def wait_for_refresh(self, timeout: float) -> None:
+        """Ask for a refresh and wait up to *timeout* for the next one to finish."""
+        event = self.request_refresh()
+        try:
+            async with asyncio.timeout(timeout):
+                await event.wait()
+        except TimeoutError:
+            pass
 
     # -- refreshing --------------------------------------------------------------------
 
@@ -295,8 +337,8 @@ class Membership:
         advisory lock behind it, so any sign of that turns reset elision off.
         """
         try:
-            async with asyncio.timeout(self._connect_timeout):
-                conn = await self.service.service_connection()
+            async with asyncio.timeout(self._connect_timeout), \
+                    self.service.service_session() as conn:
                 return bool(await conn.fetchval(ELISION_SAFE_QUERY))
         except Exception as exc:
             self.service.discard()
@@ -315,8 +357,8 @@ class Membership:
 
         async def ask(instance: Instance, query: str) -> Any:
             try:
-                async with asyncio.timeout(self._connect_timeout):
-                    conn = await self.service.connection(instance.address)
+                async with asyncio.timeout(self._connect_timeout), \
+                        self.service.probe_session(instance.address) as conn:
                     return await conn.fetchrow(query)
             except Exception as exc:
                 self.service.discard(instance.address)
@@ -349,42 +391,13 @@ class Membership:
         provider_options = dict(self.provider.sub_pool_options())
         self._provider_reset = provider_options.pop("reset", None)
         options.update(provider_options)
-        options["reset"] = self._reset_connection
+        # asyncpg always rolls back and drops listeners first; then this callback.
+        # Without one of the user's or the provider's, picopool runs asyncpg's
+        # reset itself before releasing (see Executor.release).
+        options["reset"] = self._user_reset or self._provider_reset or _after_asyncpg_housekeeping
+        self.picopool_resets = self._user_reset is None and self._provider_reset is None
         return asyncpg.create_pool(asyncpg_dsn(self.dsn), **options,
                                    **self._instance_connect_kwargs(instance))
-
-    async def _reset_connection(self, connection: Any) -> None:
-        """The sub-pools' reset: skipped where provably unneeded (asyncpg has
-        already rolled back any open transaction and dropped listeners)."""
-        if connection in self.skip_reset:
-            self.skip_reset.discard(connection)
-            return
-        if self._user_reset is not None:
-            await self._user_reset(connection)
-        elif self._provider_reset is not None:
-            await self._provider_reset(connection)
-        else:
-            query = connection.get_reset_query()
-            if connection in self.deep_reset:
-                # asyncpg's reset keeps SQL-level PREPAREd statements; drop them too
-                # (its own protocol-level statements have from_sql = false).
-                query = f"{query};{DEALLOCATE_SQL_PREPARED}" if query else DEALLOCATE_SQL_PREPARED
-            if query:
-                await connection.execute(query)
-
-    @staticmethod
-    async def release_quietly(member: Member, connection: Any) -> None:
-        """Release after a failure; the release's own error (the connection is
-        terminated then) is only logged. A cancellation of the caller is not
-        swallowed: asyncpg's release is shielded, so it completes anyway."""
-        try:
-            await member.pool.release(connection)
-        except (Exception, asyncio.CancelledError) as exc:
-            task = asyncio.current_task()
-            if isinstance(exc, asyncio.CancelledError) and task is not None \
-                    and task.cancelling():
-                raise
-            logger.debug("release after a failure: %s", describe_error(exc))
 
     def _instance_connect_kwargs(self, instance: Instance) -> dict[str, Any]:
         """The user's connect kwargs, pointed at one instance."""
@@ -407,21 +420,28 @@ class Membership:
     # -- background tasks --------------------------------------------------------------
 
     async def _poll(self) -> None:
-        """Refresh on every interval (if set) and whenever an error asks for it."""
+        """Refresh on every interval (if set) and whenever an error or a waiting
+        request asks; asked-for refreshes are spaced out while they find nothing new."""
         failures = 0
-        while not self._closing:
+        gap = _MIN_REFRESH_GAP
+        while not self.closing:
             delay = self._refresh_interval
             if failures and delay is not None:
                 delay = min(30.0, delay * 2 ** min(failures, 6)) * random.uniform(0.5, 1.0)
+            asked = False
             try:
                 async with asyncio.timeout(delay):
                     await self._wakeup.wait()
+                asked = True
             except TimeoutError:
                 pass
-            self._wakeup.clear()
-            if self._closing:
+            self._wakeup.clear()  # every request made so far is served by this refresh
+            if self.closing:
                 return
+            before = self.topology
             try:
+                if asked:
+                    self.demand_refreshes += 1
                 await self.refresh()
                 failures = 0
             except asyncio.CancelledError:
@@ -432,73 +452,91 @@ class Membership:
                                describe_error(exc))
                 # Back off even if errors keep asking for refreshes: discovery is down.
                 await asyncio.sleep(min(5.0, 0.1 * 2 ** min(failures, 6)) * random.uniform(0.5, 1))
+                continue
+            if not asked or self.topology is not before:
+                gap = _MIN_REFRESH_GAP  # something changed: the next request is answered soon
             else:
-                await asyncio.sleep(_MIN_REFRESH_GAP)
+                gap = min(_MAX_DEMAND_GAP, gap * 2)
+            await asyncio.sleep(gap)
 
-    async def _check_health(self) -> None:
-        """Every ``health_check_interval``, ping the idle connections of every instance.
-
-        A task of its own, so it runs with the poller off and a frozen instance
-        (each ping waits up to the connect timeout) never delays a refresh.
-        """
+    async def _watch(self) -> None:
+        """The liveness watch: every ``_WATCH_INTERVAL``, ask each instance that has
+        work stuck on it (a statement or a checkout waiting longer than
+        ``_STALL_AFTER``), and each one out of service, whether it is alive; every
+        ``health_check_interval``, ask every instance (a silent failure is found
+        without user traffic). It pings on a connection of its own, never on the
+        sub-pools' connections: no ``setup``, no reset, no idle timer touched."""
         interval = self._health_check_interval
-        assert interval is not None
-        while not self._closing:
-            await asyncio.sleep(interval * random.uniform(0.9, 1.1))
-            members = [m for m in self.members.values() if m.ready]
-            results = await asyncio.gather(
-                *(self._check_idle_connections(m) for m in members), return_exceptions=True)
-            for member, result in zip(members, results, strict=True):
-                if isinstance(result, Exception):
-                    logger.warning("idle health check of %s failed: %s",
-                                   member.instance.label, describe_error(result))
+        tick = _WATCH_INTERVAL if interval is None else min(_WATCH_INTERVAL, interval)
+        last_round = time.monotonic()
+        while not self.closing:
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            everyone = interval is not None and now - last_round >= interval
+            if everyone:
+                last_round = now
+            suspects = [
+                m for m in self.members.values()
+                if everyone or m.unresponsive or _stalled(m.inflight.values(), now)
+                or _stalled(m.acquiring.values(), now)
+            ]
+            if suspects:
+                await asyncio.gather(*(self._check_alive(m) for m in suspects))
 
-    async def _check_idle_connections(self, member: Member) -> None:
-        """Ping one instance's idle connections so a dead one is found before a user gets it.
-
-        Takes each idle connection briefly (never waiting for a busy pool) and
-        runs ``SELECT 1`` with the connect timeout. One that fails is terminated
-        (a silent network failure would otherwise hang its release) and marks its
-        instance as failed.
-        """
-        pool = member.pool
-        if pool is None or pool.is_closing():
+    async def _check_alive(self, member: Member) -> None:
+        """Ping *member*'s instance on the watch's own connection; no answer within
+        the probe timeout is an answer: take it out of service."""
+        instance = member.instance
+        try:
+            async with asyncio.timeout(self._probe_timeout):
+                connection = self._liveness.get(instance.id)
+                if connection is None or connection.is_closed():
+                    connection = await self.service._open(instance.address)
+                    if self.closing or self.members.get(instance.id) is not member:
+                        connection.terminate()
+                        return
+                    self._liveness[instance.id] = connection
+                await connection.fetchval("SELECT 1")
+        except Exception as exc:
+            stale = self._liveness.pop(instance.id, None)
+            if stale is not None:
+                stale.terminate()
+            if isinstance(exc, TimeoutError):
+                exc = TimeoutError(f"no answer within {self._probe_timeout:g} s")
+            if not member.unresponsive and self.members.get(instance.id) is member:
+                self.mark_unresponsive(member, exc)
             return
-        taken: list[Any] = []  # hold them all: the sub-pool hands out LIFO
-        try:
-            for _ in range(pool.get_idle_size()):
-                try:
-                    taken.append(await pool.acquire(timeout=0.01))
-                except (TimeoutError, asyncpg.InterfaceError):
-                    break  # the pool got busy: users are checking connections for us
-            failures = await asyncio.gather(*(self._ping(c) for c in taken))
-            failure = next((f for f in failures if f is not None), None)
-            if failure is not None:
-                self.note_failure(member, failure)
-        finally:
-            cancelled: asyncio.CancelledError | None = None
-            for connection in taken:  # every one, even if cancelled half-way
-                raw = connection._con
-                if raw is not None and not raw.is_closed():
-                    self.skip_reset.add(raw)  # a ping leaves no session state
-                try:
-                    await self.release_quietly(member, connection)
-                except asyncio.CancelledError as exc:
-                    cancelled = exc
-                finally:
-                    self.skip_reset.discard(raw)
-            if cancelled is not None:
-                raise cancelled
+        if member.unresponsive:
+            member.unresponsive = False
+            logger.warning("instance %s answers again", instance.label)
+            self.health_changed()
 
-    async def _ping(self, connection: Any) -> BaseException | None:
-        """The connection-level error a ping ran into, if any; a broken connection
-        is terminated here."""
-        try:
-            await connection.fetchval("SELECT 1", timeout=self._connect_timeout)
-        except (Exception, asyncio.CancelledError) as exc:
-            if connection._con is not None:
-                connection._con.terminate()  # cut short, it could hang its release
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            return exc if is_connection_error(exc) else None
-        return None
+    def mark_unresponsive(self, member: Member, exc: BaseException) -> None:
+        """Take *member* out of service until the watch hears from it again, and cut
+        the work stuck on it: statements in flight see their connection lost (the
+        executor retries what provably cannot have written and raises the rest) and
+        waiting checkouts move to another instance."""
+        member.unresponsive = True
+        logger.warning("instance %s does not answer (%s): no traffic until it does; "
+                       "cutting %d connections in use and %d waiting checkouts",
+                       member.instance.label, describe_error(exc), len(member.inflight),
+                       len(member.acquiring))
+        self.note_failure(member, exc)
+        for task in list(member.acquiring):
+            member.interrupted.add(task)
+            task.cancel()
+        # Every connection goes, idle ones too (each would hang its next user); the
+        # sub-pool is started afresh once the instance answers and a request probes it.
+        member.terminate()
+
+
+def _stalled(since: Any, now: float) -> bool:
+    return any(now - started > _STALL_AFTER for started in since)
+
+
+async def _after_asyncpg_housekeeping(connection: Any) -> None:
+    """The sub-pools' reset callback when nobody else's replaces it: nothing more.
+
+    asyncpg has rolled back any open transaction and dropped listeners; picopool
+    ran (or, where provably unneeded, skipped) the reset query before releasing.
+    """

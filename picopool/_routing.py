@@ -83,6 +83,10 @@ class Decision:
     is_write: bool
     leaves_session_state: bool  # may leave state: a full reset, prepared statements too
     elide_reset: bool  # provably leaves no state and the policy allows skipping the reset
+    functions: frozenset[str] = frozenset()  # the functions it calls (last name part)
+    # The user sent it to the primary or named an instance (role=, pool.route(), a
+    # hint, the router): a sign that it may write, whatever the classifier says.
+    user_routed_to_primary: bool = False
 
 
 def read_request(policy: RoutingPolicy, symmetric: bool) -> RoleRequest:
@@ -116,6 +120,7 @@ def decide(
     guess = RoleRequest.PRIMARY if is_write else read_request(policy, symmetric)
     instance: str | None = None
     hint = info.hint
+    by_user = True
     if explicit is not None:
         request = explicit
     elif scoped is not None:
@@ -125,13 +130,16 @@ def decide(
         instance = hint.instance
     else:
         request = guess
+        by_user = False
         if policy.router is not None:
             routed = policy.router(query, guess.value)
             if routed is not None:
+                by_user = True
                 if routed in _BY_NAME:
                     request = _BY_NAME[routed]
                 else:
                     instance = routed
+    user_routed_to_primary = by_user and (request is RoleRequest.PRIMARY or instance is not None)
     if symmetric and request is not RoleRequest.ANY and instance is None:
         request = RoleRequest.ANY  # every peer serves everything
     if strip_comments and hint is not None:
@@ -144,4 +152,6 @@ def decide(
         is_write=is_write,
         leaves_session_state=leaves_state,
         elide_reset=policy.elide_reset and not leaves_state,
+        functions=info.functions,
+        user_routed_to_primary=user_routed_to_primary,
     )

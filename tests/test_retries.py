@@ -155,35 +155,30 @@ async def test_asyncpg_errors_for_a_connection_killed_while_idle_are_recognised(
     assert "InterfaceError" in seen, seen  # the closed socket, at least once
 
 
-async def test_a_cancel_while_releasing_a_failed_connection_is_not_swallowed(
+async def test_a_cancel_while_settling_a_failed_attempt_is_not_swallowed(
     cluster: LocalCluster, make_pool: PoolFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The caller's cancellation (asyncio.timeout, task.cancel) lands while the pool hands
-    back a connection that just failed: the call ends cancelled, with no retry."""
+    """The caller's cancellation (asyncio.timeout, task.cancel) lands while the pool settles
+    an attempt that just failed (its connection handed back, its instance noted): the call
+    ends cancelled, with no retry."""
+    from picopool._execute import Executor
+
     pool, pid = await one_connection_pool(cluster, make_pool, max_retries=3)
-    sub_pool = next(iter(pool._membership.members.values())).pool
-    real_release = type(sub_pool).release
-    releasing = asyncio.Event()
+    real_failed = Executor._failed
+    settling = asyncio.Event()
 
-    async def slow_release(self: Any, connection: Any, *, timeout: float | None = None) -> None:
-        if self is not sub_pool:
-            await real_release(self, connection, timeout=timeout)
-            return
+    async def slow_failed(self: Executor, member: Any, connection: Any,
+                          exc: BaseException) -> Any:
+        settling.set()
+        await asyncio.sleep(0.3)  # the cancellation lands here
+        return await real_failed(self, member, connection, exc)
 
-        async def release() -> None:
-            await asyncio.sleep(0.3)
-            await real_release(self, connection, timeout=timeout)
-
-        releasing.set()
-        await asyncio.shield(release())  # like asyncpg's own release
-
-    monkeypatch.setattr(type(sub_pool), "release", slow_release)
+    monkeypatch.setattr(Executor, "_failed", slow_failed)
     running = await kill_while_running(cluster, pool, pid, "select 42 from pg_sleep(0.6)")
-    await asyncio.wait_for(releasing.wait(), 5)
+    await asyncio.wait_for(settling.wait(), 5)
     running.cancel()
     with pytest.raises(asyncio.CancelledError):
         await running
     assert pool.stats().retries == 0
-    await asyncio.sleep(0.4)  # the shielded release finishes
     monkeypatch.undo()
     assert await pool.fetchval("select 1") == 1

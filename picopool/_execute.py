@@ -1,0 +1,685 @@
+"""One statement's whole life: decide, acquire, run, classify the outcome, retry, release.
+
+:class:`Executor` is the one place that decides a statement's fate. Follow a
+pool-level statement through :meth:`Executor.run`:
+
+1. **decide** where it goes (:func:`picopool._routing.decide`, cached);
+2. **acquire** a connection from an instance that may serve it
+   (:meth:`Executor.acquire`: the strategy picks among the candidates; failures
+   here happen before anything was sent, so another instance is always safe);
+3. **run** it on the raw asyncpg connection;
+4. on failure, **classify** the outcome once (:mod:`picopool._outcome`), settle the
+   connection (terminate a broken one) and the instance (breaker, refresh), and
+   apply the **retry rule**;
+5. **release** the connection with an explicit reset decision
+   (:meth:`Executor.release`): skipped where provably unneeded, asyncpg's
+   full reset otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import enum
+import logging
+import random
+import time
+from collections.abc import Callable, Collection, Iterable, Sequence
+from typing import Any
+
+from ._catalog import FunctionCatalog
+from ._errors import NoAvailableInstanceError, PoolClosedError, describe_error
+from ._member import Member
+from ._membership import Membership
+from ._outcome import Outcome, Phase, classify_failure, confirm_read_only, may_retry
+from ._routing import Decision, RoleRequest, RoutingPolicy, decide, parse_role, select
+from ._sql import classify
+from ._sql_probes import DEALLOCATE_SQL_PREPARED
+from ._topology import Instance, Role
+from ._wal import CausalScope, parse_lsn
+from .strategies import BalanceStrategy, Candidate
+
+logger = logging.getLogger("picopool")
+
+route_scope: contextvars.ContextVar[RoleRequest | None] = contextvars.ContextVar(
+    "picopool_route", default=None)
+causal_scope: contextvars.ContextVar[CausalScope | None] = contextvars.ContextVar(
+    "picopool_causal", default=None)
+
+# The decision cache is bounded by entries and by the bytes of the statements it keeps.
+_DECISION_CACHE_ENTRIES = 4096
+_DECISION_CACHE_BYTES = 4 << 20
+_DECISION_CACHE_MAX_STATEMENT = 64 << 10  # longer statements are decided each time
+_NOTHING_EXCLUDED: frozenset[str] = frozenset()
+_NEVER = float("inf")
+_BATCH_METHODS = frozenset({"executemany", "fetchmany"})
+
+
+class Reset(enum.Enum):
+    """What a connection needs before another user may have it."""
+
+    NONE = "none"  # provably no session state left: skip the round trip
+    FULL = "full"  # asyncpg's reset (rollback, unlock, close cursors, unlisten, RESET ALL)
+    DEEP = "deep"  # the full reset, and drop SQL-level PREPAREd statements too
+
+
+class Executor:
+    """Runs statements over the membership's sub-pools; see the module docstring."""
+
+    def __init__(
+        self,
+        membership: Membership,
+        *,
+        strategy: BalanceStrategy,
+        policy: RoutingPolicy,
+        catalog: FunctionCatalog,
+        check_function_volatility: bool,
+        failover_timeout: float,
+        max_retries: int,
+        max_size: int,
+        max_lag_bytes: int | None,
+        max_lag_seconds: float | None,
+        read_your_writes: bool,
+        causal_wait: float,
+        elision_allowed: bool,
+        check_idle_after: float | None,
+        check_timeout: float,
+        check_open: Callable[[], None],
+    ) -> None:
+        self._membership = membership
+        self._strategy = strategy
+        self._policy = policy
+        self._catalog = catalog
+        self._check_volatility = check_function_volatility
+        self._failover_timeout = failover_timeout
+        self._max_retries = max_retries
+        self._max_size = max_size
+        self._max_lag_bytes = max_lag_bytes
+        self._max_lag_seconds = max_lag_seconds
+        self.read_your_writes = read_your_writes
+        self._causal_wait = causal_wait
+        # Skipping the reset is sound only if nothing of the user's runs on checkout
+        # (setup=) or replaces the reset (reset=): either may carry session state.
+        self._elision_allowed = elision_allowed and policy.elide_reset
+        self._check_idle_after = check_idle_after
+        self._check_timeout = check_timeout
+        self._check_open = check_open
+        self._decisions: dict[tuple[Any, ...], Decision] = {}
+        self._decision_bytes = 0
+        self._decisions_cacheable = (policy.router is None and policy.rewrite is None
+                                     and not check_function_volatility)
+        # Candidates per request, valid while the membership's health epoch stands.
+        self._candidate_cache: dict[RoleRequest, list[Candidate]] = {}
+        self._cache_epoch = -1
+        self._cache_valid_until = _NEVER
+        self.pool_lsn = 0
+        self.retries = 0
+        self.outcomes: dict[Outcome, int] = {}
+
+    # -- deciding ------------------------------------------------------------------------
+
+    async def decide(self, query: str, role: str | None,
+                     default: RoleRequest | None) -> Decision:
+        scoped = route_scope.get()
+        symmetric = self._membership.symmetric
+        key = (query, role, default, scoped, symmetric)
+        decision = self._decisions.get(key)
+        if decision is not None:
+            return decision
+        explicit = default if role is None else parse_role(role, RoleRequest.PRIMARY)
+        volatile: frozenset[str] = frozenset()
+        if self._check_volatility and not symmetric:  # peers serve everything anyway
+            volatile = await self._catalog.volatile_user_functions(classify(query).functions)
+        decision = decide(query, explicit=explicit, scoped=scoped, policy=self._policy,
+                          symmetric=symmetric, strip_comments=symmetric,
+                          volatile_functions=volatile)
+        # Pure in its inputs unless user hooks or the catalog take part: then no cache.
+        if self._decisions_cacheable and len(query) <= _DECISION_CACHE_MAX_STATEMENT:
+            if (len(self._decisions) >= _DECISION_CACHE_ENTRIES
+                    or self._decision_bytes + len(query) > _DECISION_CACHE_BYTES):
+                self._decisions.clear()
+                self._decision_bytes = 0
+            self._decisions[key] = decision
+            self._decision_bytes += len(query)
+        return decision
+
+    def provably_read_only(self, decision: Decision) -> bool:
+        """The retry rule's test: a read that cannot have written, whatever happened."""
+        return (not decision.is_write and not decision.user_routed_to_primary
+                and self._catalog.statement_read_only(classify(decision.query)))
+
+    async def _learn_functions(self, decision: Decision) -> None:
+        """Before judging a read whose outcome is unknown, ask pg_proc about the
+        user functions it calls (a STABLE or IMMUTABLE one cannot write)."""
+        if not decision.is_write and not decision.user_routed_to_primary \
+                and decision.functions:
+            try:
+                await self._catalog.learn(decision.functions)
+            except Exception as exc:  # unknown stays unknown: not provably read-only
+                logger.debug("cannot look up functions: %s", describe_error(exc))
+
+    # -- choosing an instance --------------------------------------------------------------
+
+    def candidates(self, request: RoleRequest, excluded: Collection[str],
+                   only: Collection[str] | None) -> list[Candidate]:
+        """The instances that may serve *request* now, with their load."""
+        membership = self._membership
+        topology = membership.topology
+        if topology is None:
+            return []
+        members = membership.members
+        now = time.monotonic()
+        demoted = membership.demoted
+        check_lag = request is not RoleRequest.PRIMARY and (
+            self._max_lag_bytes is not None or self._max_lag_seconds is not None)
+        usable: list[Instance] = []
+        for instance in topology.instances:
+            member = members.get(instance.id)
+            if member is None or member.open_until > now or member.unresponsive \
+                    or instance.id in excluded:
+                continue
+            if only is not None:  # named by a hint or the router: the user's call
+                if instance.id not in only and instance.name not in only:
+                    continue
+            elif check_lag and instance.role is Role.REPLICA and self._lagging(instance):
+                continue
+            if demoted and instance.id in demoted and instance.role.writable:
+                continue  # refused a write as read-only; wait for the refresh
+            usable.append(instance)
+        max_size = self._max_size
+        return [
+            Candidate(instance=i, in_use=members[i.id].in_use, idle=members[i.id].idle,
+                      max_size=max_size)
+            for i in select(request, usable)
+        ]
+
+    def cached_candidates(self, request: RoleRequest) -> list[Candidate]:
+        """``candidates(request)`` reused until topology or health changes.
+
+        Every event that changes who may serve (a refresh, a failure, a demotion,
+        a recovery) bumps the membership's ``health_epoch``; a breaker that
+        half-opens with time is caught by ``_cache_valid_until``.
+        """
+        membership = self._membership
+        if self._cache_epoch != membership.health_epoch or (
+                self._cache_valid_until is not _NEVER
+                and time.monotonic() >= self._cache_valid_until):
+            self._candidate_cache.clear()
+            self._cache_epoch = membership.health_epoch
+            self._cache_valid_until = min(
+                (m.open_until for m in membership.members.values() if m.open_until),
+                default=_NEVER)
+        candidates = self._candidate_cache.get(request)
+        if candidates is None:
+            candidates = self._candidate_cache[request] = self.candidates(
+                request, _NOTHING_EXCLUDED, None)
+        return candidates
+
+    def _lagging(self, instance: Instance) -> bool:
+        """Whether a replica is too far behind to serve reads."""
+        lag_bytes, lag_seconds = self._membership.lag.get(instance.id, (None, None))
+        if lag_bytes is None:
+            lag_bytes = instance.lag_bytes
+        if lag_seconds is None:
+            lag_seconds = instance.lag_seconds
+        if self._max_lag_bytes is not None and lag_bytes is not None \
+                and lag_bytes > self._max_lag_bytes:
+            return True
+        return (self._max_lag_seconds is not None and lag_seconds is not None
+                and lag_seconds > self._max_lag_seconds)
+
+    # -- acquiring -------------------------------------------------------------------------
+
+    async def acquire(
+        self, request: RoleRequest, timeout: float | None, *,
+        instance: str | None = None, only: Collection[str] | None = None,
+    ) -> tuple[Member, Any]:
+        """Pick an instance and check a connection out of its sub-pool.
+
+        Nothing has been sent when this fails, so moving to another instance (or
+        waiting for the topology to change) is always safe. The caller's
+        *timeout* running out raises ``TimeoutError``, as asyncpg does.
+        """
+        if instance is None and only is None and not self._membership.closing:
+            # The common case, kept lean: a healthy instance and a ready sub-pool.
+            candidates = self.cached_candidates(request)
+            if candidates:
+                member = self._membership.members[self._strategy.pick(candidates).instance.id]
+                if member.failures == 0 and member.ready:
+                    started = time.monotonic()
+                    task = asyncio.current_task()
+                    member.acquiring[task] = started  # type: ignore[index]
+                    try:
+                        connection = await member.pool.acquire(timeout=timeout)
+                    except (Exception, asyncio.CancelledError) as exc:
+                        member.acquiring.pop(task, None)  # type: ignore[arg-type]
+                        elapsed = time.monotonic() - started
+                        if timeout is not None:  # what is left of the caller's timeout
+                            timeout = max(0.001, timeout - elapsed)
+                        outcome = self._acquire_failed(member, exc, timeout, elapsed, None, {})
+                        if outcome is None:
+                            raise
+                        return await self._acquire_carefully(
+                            request, timeout, None, None, {member.instance.id})
+                    member.acquiring.pop(task, None)  # type: ignore[arg-type]
+                    checked = await self._checked(member, connection)
+                    if checked is not None:
+                        return member, checked
+                    return await self._acquire_carefully(request, timeout, None, None, set())
+                # The strategy chose it: the careful path starts there (a half-open
+                # breaker's probe, or a sub-pool still to start).
+                return await self._acquire_carefully(request, timeout, None, None, set(),
+                                                     member)
+        return await self._acquire_carefully(request, timeout, instance, only, set())
+
+    async def _acquire_carefully(
+        self, request: RoleRequest, timeout: float | None,
+        instance: str | None, only: Collection[str] | None, excluded: set[str],
+        picked: Member | None = None,
+    ) -> tuple[Member, Any]:
+        """Try every eligible instance, half-open breakers one probe at a time, and
+        wait for the topology to change when nothing can serve."""
+        self._check_open()
+        if instance is not None:
+            only = (instance,)
+            request = RoleRequest.ANY
+        loop = asyncio.get_running_loop()
+        budget = self._failover_timeout if timeout is None else timeout
+        deadline = loop.time() + budget
+        attempts: dict[str, str] = {}
+        while True:
+            candidates = self.candidates(request, excluded, only)
+            if not candidates:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise self.no_instance(request, attempts)
+                # Wait for the topology to change (a failover in progress), then try
+                # everything once more: breakers may have half-opened too. Waiters
+                # share refreshes: the poller spaces the ones they ask for.
+                await self._membership.wait_for_refresh(min(remaining, 0.5))
+                self._check_open()
+                excluded.clear()
+                continue
+            if picked is not None and any(c.instance.id == picked.instance.id
+                                          for c in candidates):
+                member = picked
+            else:
+                member = self._membership.members[self._strategy.pick(candidates).instance.id]
+            picked = None
+            probing = member.failures > 0  # half-open: this request is the probe
+            if probing:
+                if member.probing:
+                    excluded.add(member.instance.id)
+                    continue
+                member.probing = True
+            wait = max(deadline - loop.time(), 0.001)
+            task = asyncio.current_task()
+            started = loop.time()
+            member.acquiring[task] = time.monotonic()  # type: ignore[index]
+            try:
+                pool = member.pool if member.ready else await asyncio.wait_for(
+                    member.ensure_ready(), wait)  # shielded inside: only our wait ends
+                connection = await pool.acquire(timeout=max(deadline - loop.time(), 0.001))
+            except (Exception, asyncio.CancelledError) as exc:
+                member.acquiring.pop(task, None)  # type: ignore[arg-type]
+                member.probing = False
+                outcome = self._acquire_failed(member, exc, timeout, loop.time() - started,
+                                               wait, attempts)
+                if outcome is None:
+                    if isinstance(exc, TimeoutError) and not self._exhausted(member):
+                        # The budget ran out while connecting: no instance could serve
+                        # in time. (Every connection busy is the caller's timeout, as
+                        # asyncpg raises it.)
+                        attempts.setdefault(member.instance.label, "timed out")
+                        raise self.no_instance(request, attempts) from exc
+                    raise
+                excluded.add(member.instance.id)
+                continue
+            member.acquiring.pop(task, None)  # type: ignore[arg-type]
+            member.probing = False
+            checked = await self._checked(member, connection)
+            if checked is None:
+                attempts[member.instance.label] = "a dead idle connection"
+                excluded.add(member.instance.id)
+                continue
+            if probing:
+                logger.info("instance %s is back", member.instance.label)
+            if member.failures:
+                member.record_success()
+                self._membership.health_changed()
+            return member, checked
+
+    def _acquire_failed(self, member: Member, exc: BaseException, timeout: float | None,
+                        elapsed: float, wait: float | None,
+                        attempts: dict[str, str]) -> Outcome | None:
+        """Settle a failed checkout: the outcome to move on with, or None to raise *exc*."""
+        task = asyncio.current_task()
+        if isinstance(exc, asyncio.CancelledError):
+            if task is None or task not in member.interrupted:
+                return None  # the caller's cancellation
+            member.interrupted.discard(task)
+            if task.uncancel() > 0:
+                return None  # ours and the caller's: the caller's wins
+            outcome = Outcome.UNRESPONSIVE
+        else:
+            if self._membership.closing:
+                raise PoolClosedError("pool is closing") from exc
+            if isinstance(exc, PoolClosedError):
+                # The sub-pool was drained while starting: not a fault of the instance.
+                attempts[member.instance.label] = describe_error(exc)
+                return Outcome.CONNECT_FAILED
+            limit = timeout if wait is None else wait
+            spent = limit is not None and elapsed >= limit - 0.002
+            outcome = classify_failure(exc, Phase.ACQUIRE, budget_spent=spent)
+            if outcome is Outcome.CALLER_TIMEOUT or outcome is Outcome.STATEMENT_ERROR:
+                return None
+        self._count(outcome)
+        if outcome is not Outcome.UNRESPONSIVE:  # the watch has noted that one already
+            self._membership.note_failure(member, exc)
+        attempts[member.instance.label] = describe_error(exc)
+        return outcome
+
+    def _exhausted(self, member: Member) -> bool:
+        """Every connection of *member*'s sub-pool is checked out."""
+        return member.ready and member.in_use() >= self._max_size
+
+    async def _checked(self, member: Member, connection: Any) -> Any:
+        """*connection*, pinged first if it sat idle past the health-check interval;
+        None (and the connection terminated and returned) if it is dead."""
+        raw = connection._con
+        now = time.monotonic()
+        member.inflight[connection] = now
+        after = self._check_idle_after
+        if after is None:
+            return connection
+        last = member.last_used.get(raw)
+        if last is None or now - last < after:
+            return connection
+        try:
+            await raw.fetchval("SELECT 1", timeout=self._check_timeout)
+        except (Exception, asyncio.CancelledError) as exc:
+            raw.terminate()  # it could hang its release
+            await self.release(member, connection, Reset.NONE, quiet=True)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            self._count(Outcome.LOST_IDLE)
+            self._membership.note_failure(member, exc)
+            return None
+        return connection
+
+    def no_instance(self, request: RoleRequest, attempts: dict[str, str]) -> Exception:
+        membership = self._membership
+        topology = membership.topology
+        if not attempts and topology is not None:
+            for instance in topology.instances:
+                member = membership.members.get(instance.id)
+                if member is not None and member.last_error:
+                    attempts[instance.label] = f"{member.breaker_state}: {member.last_error}"
+        known = "none" if topology is None or not topology.instances else ", ".join(
+            f"{i.label} {i.role.value}" for i in topology.instances)
+        return NoAvailableInstanceError(
+            f"no available instance can serve {request.value} requests "
+            f"(topology v{topology.version if topology else 0}: {known})",
+            attempts.items(),
+        )
+
+    # -- read-your-writes ------------------------------------------------------------------
+
+    def causal_lsn(self, request: RoleRequest) -> int:
+        """The WAL position a read must see, in this task's scope or pool-wide."""
+        if request is RoleRequest.PRIMARY or self._membership.symmetric:
+            return 0
+        scope = causal_scope.get()
+        if scope is not None:
+            return scope.lsn
+        return self.pool_lsn if self.read_your_writes else 0
+
+    async def acquire_routed(self, request: RoleRequest,
+                             timeout: float | None) -> tuple[Member, Any]:
+        """Check out a connection for *request*, honouring read-your-writes."""
+        lsn = self.causal_lsn(request)
+        if lsn:
+            return await self.acquire_caught_up(request, lsn)
+        return await self.acquire(request, timeout)
+
+    async def acquire_caught_up(self, request: RoleRequest, lsn: int) -> tuple[Member, Any]:
+        """A connection to an instance that has replayed up to *lsn*.
+
+        Replay positions only move forward, so a cached position that has
+        reached *lsn* needs no round trip. Otherwise wait on one replica for up
+        to ``causal_wait`` seconds, then use the primary. The short waits for a
+        replica's connection are picopool's own budget: running out of them says
+        nothing about the replica's health.
+        """
+        if not self.cached_candidates(RoleRequest.REPLICA):
+            # No replica can serve now: don't wait for one (nor ask for refreshes).
+            return await self.acquire(RoleRequest.PRIMARY, None)
+        caught_up = [i for i, position in self._membership.replay_lsn.items()
+                     if position >= lsn]
+        if caught_up:
+            try:
+                return await self.acquire(RoleRequest.REPLICA, 0.05, only=caught_up)
+            except (NoAvailableInstanceError, TimeoutError):
+                pass
+        if self._causal_wait > 0:
+            try:
+                member, connection = await self.acquire(RoleRequest.REPLICA, 0.05)
+            except (NoAvailableInstanceError, TimeoutError):
+                pass  # no replica free now: the primary always has the write
+            else:
+                try:
+                    caught = await self._wait_replayed(member, connection, lsn)
+                except (Exception, asyncio.CancelledError):
+                    await self.release(member, connection, Reset.FULL, quiet=True)
+                    raise
+                if caught:
+                    return member, connection
+                await self.release(member, connection, Reset.NONE, quiet=True)
+        return await self.acquire(RoleRequest.PRIMARY, None)
+
+    async def _wait_replayed(self, member: Member, connection: Any, lsn: int) -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._causal_wait
+        while True:
+            position = parse_lsn(await connection._con.fetchval(
+                "SELECT pg_last_wal_replay_lsn()::text")) or 0
+            self._membership.note_replayed(member.instance.id, position)
+            if position >= lsn:
+                return True
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(0.005)
+
+    async def record_write_position(self, connection: Any,
+                                    scope: CausalScope | None) -> None:
+        """Remember the primary's WAL position after a write, for read-your-writes."""
+        try:
+            lsn = parse_lsn(await connection.fetchval(
+                "SELECT pg_current_wal_insert_lsn()::text")) or 0
+        except Exception as exc:
+            logger.debug("cannot read the WAL position: %s", describe_error(exc))
+            return
+        if scope is not None:
+            scope.lsn = max(scope.lsn, lsn)
+        self.pool_lsn = max(self.pool_lsn, lsn)
+
+    def _may_have_written(self, decision: Decision, member: Member) -> bool:
+        """A statement sent to the primary that the classifier cannot prove a read.
+
+        Writes the classifier missed (a user routed them with ``role=``, a hint
+        or the router) must still move the read-your-writes position.
+        """
+        if self._membership.symmetric or not member.instance.role.writable:
+            return False
+        return decision.is_write or decision.request is RoleRequest.PRIMARY \
+            or decision.instance is not None
+
+    # -- running ---------------------------------------------------------------------------
+
+    async def run(self, method: str, query: str, positional: tuple[Any, ...],
+                  kwargs: dict[str, Any], role: str | None,
+                  default: RoleRequest | None = None) -> Any:
+        """Route one statement, run it, and retry it where the retry rule allows."""
+        symmetric = self._membership.symmetric
+        decision = self._decisions.get(
+            (query, role, default, route_scope.get(), symmetric)
+        ) or await self.decide(query, role, default)
+        if method in _BATCH_METHODS:
+            positional = (_replayable(positional[0]), *positional[1:])
+        scope = causal_scope.get()
+        tracks_writes = scope is not None or self.read_your_writes
+        causal_lsn = 0
+        if tracks_writes and not decision.is_write and not symmetric \
+                and decision.instance is None and decision.request is not RoleRequest.PRIMARY:
+            causal_lsn = scope.lsn if scope is not None else self.pool_lsn
+        attempt = 0
+        failures: list[tuple[str, str]] = []
+        while True:
+            if causal_lsn:
+                member, connection = await self.acquire_caught_up(decision.request, causal_lsn)
+            else:
+                member, connection = await self.acquire(
+                    decision.request, None, instance=decision.instance)
+            try:
+                # The raw connection: we hold the proxy, so skip its per-call checks.
+                result = await getattr(connection._con, method)(
+                    decision.query, *positional, **kwargs)
+                if tracks_writes and self._may_have_written(decision, member):
+                    await self.record_write_position(connection._con, scope)
+            except (Exception, asyncio.CancelledError) as exc:
+                outcome = await self._failed(member, connection, exc)
+                if outcome.may_have_run and outcome.retryable:
+                    await self._learn_functions(decision)
+                if not may_retry(outcome, provably_read_only=self.provably_read_only(decision)):
+                    raise
+                failures.append((member.instance.label, describe_error(exc)))
+                if attempt >= self._max_retries:
+                    tries = attempt + 1
+                    raise NoAvailableInstanceError(
+                        f"gave up on a {'write' if decision.is_write else 'read'} after "
+                        f"{tries} attempt{'s' if tries > 1 else ''}", failures) from exc
+                attempt += 1
+                self.retries += 1
+                await asyncio.sleep(min(1.0, 0.05 * 2 ** attempt) * random.uniform(0.5, 1.5))
+                continue
+            member.served += 1
+            if decision.elide_reset and self._elision_allowed and self._membership.elision_safe:
+                reset = Reset.NONE
+            else:
+                reset = Reset.DEEP if decision.leaves_session_state else Reset.FULL
+            await self.release(member, connection, reset, quiet=True)
+            return result
+
+    async def _failed(self, member: Member, connection: Any, exc: BaseException) -> Outcome:
+        """Classify a failed run, settle its connection and instance; the outcome.
+
+        A cancellation is re-raised once the connection is back in its sub-pool.
+        """
+        raw = connection._con  # None once asyncpg released a lost connection itself
+        if isinstance(exc, asyncio.CancelledError):
+            outcome = Outcome.CALLER_TIMEOUT
+        else:
+            outcome = classify_failure(exc, Phase.RUN)
+            if outcome is Outcome.READ_ONLY and member.instance.role.writable \
+                    and not self._membership.symmetric:
+                outcome = confirm_read_only(await self._in_recovery(raw))
+            elif outcome is Outcome.LOST_IN_FLIGHT and member.unresponsive:
+                outcome = Outcome.UNRESPONSIVE
+        self._count(outcome)
+        if raw is not None and outcome.instance_at_fault:
+            raw.terminate()  # never hand a broken connection to the next user
+        await self.release(member, connection, Reset.DEEP, quiet=True)
+        if outcome is Outcome.DEMOTED:
+            logger.warning("instance %s refused a write as read-only and is in recovery: "
+                           "demoted, or not promoted yet; refreshing the topology",
+                           member.instance.label)
+            member.last_error = describe_error(exc)
+            self._membership.mark_demoted(member)
+        elif outcome.instance_at_fault and outcome is not Outcome.UNRESPONSIVE:
+            self._membership.note_failure(member, exc)
+        elif outcome.refresh:
+            self._membership.request_refresh()
+        if isinstance(exc, asyncio.CancelledError):
+            raise exc
+        return outcome
+
+    async def _in_recovery(self, raw: Any) -> bool | None:
+        """Ask the instance that refused a write whether it is in recovery."""
+        if raw is None or raw.is_closed():
+            return None
+        try:
+            return bool(await raw.fetchval("SELECT pg_is_in_recovery()",
+                                           timeout=self._check_timeout))
+        except Exception as exc:
+            logger.debug("cannot confirm a demotion: %s", describe_error(exc))
+            self._membership.request_refresh()
+            return None
+
+    def _count(self, outcome: Outcome) -> None:
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+
+    # -- releasing -------------------------------------------------------------------------
+
+    async def release(self, member: Member, connection: Any, reset: Reset, *,
+                      timeout: float | None = None, quiet: bool = False) -> None:
+        """Reset *connection* as *reset* says, then return it to its sub-pool.
+
+        picopool runs asyncpg's reset itself, so that the decision travels with
+        the checkout; the sub-pool's own reset callback is the user's ``reset=``
+        (never skipped) or the provider's. A reset that fails terminates the
+        connection. *quiet*: a failure is logged, not raised (the statement's
+        result stands); a cancellation is always raised.
+        """
+        member.inflight.pop(connection, None)
+        raw = connection._con
+        if raw is None:
+            return  # asyncpg has released it already (it was terminated)
+        if True:
+            if self._check_idle_after is not None:
+                member.last_used[raw] = time.monotonic()
+            if reset is not Reset.NONE and self._membership.picopool_resets \
+                    and not raw.is_closed():
+                try:
+                    await _reset(raw, reset, timeout)
+                except (Exception, asyncio.CancelledError) as exc:
+                    raw.terminate()
+                    await _release_closed(member, connection)
+                    if quiet and not isinstance(exc, asyncio.CancelledError):
+                        logger.debug("reset failed: %s", describe_error(exc))
+                        return
+                    raise
+        try:
+            await member.pool.release(connection, timeout=timeout)
+        except (Exception, asyncio.CancelledError) as exc:
+            if not quiet or isinstance(exc, asyncio.CancelledError):
+                raise
+            logger.debug("release: %s", describe_error(exc))
+
+
+async def _reset(raw: Any, reset: Reset, timeout: float | None) -> None:
+    """asyncpg's own reset (it waits for a cancelled query to finish first)."""
+    protocol = raw._protocol
+    if protocol._is_cancelling():  # asyncpg < 0.32 does not wait by itself
+        try:
+            await protocol._wait_for_cancellation(timeout)
+        except TypeError:
+            await protocol._wait_for_cancellation()
+    await raw.reset(timeout=timeout)
+    if reset is Reset.DEEP:
+        await raw.execute(DEALLOCATE_SQL_PREPARED, timeout=timeout)
+
+
+async def _release_closed(member: Member, connection: Any) -> None:
+    """Give a terminated connection's holder back (asyncpg usually already has)."""
+    try:
+        await member.pool.release(connection)
+    except Exception as exc:
+        logger.debug("release after a failed reset: %s", describe_error(exc))
+
+
+def _replayable(rows: Iterable[Sequence[Any]]) -> Iterable[Sequence[Any]]:
+    """A batch's arguments that a retry can send again: a one-shot iterator
+    (a generator) is read into a list first, or a retry would send nothing."""
+    if isinstance(rows, Sequence):
+        return rows
+    return list(rows)
