@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any
 
+from ._cache import StatementCache
 from ._catalog import FunctionCatalog
 from ._errors import NoAvailableInstanceError, PoolClosedError, describe_error
 from ._member import Member
@@ -46,10 +47,6 @@ route_scope: contextvars.ContextVar[RoleRequest | None] = contextvars.ContextVar
 causal_scope: contextvars.ContextVar[CausalScope | None] = contextvars.ContextVar(
     "picopool_causal", default=None)
 
-# The decision cache is bounded by entries and by the bytes of the statements it keeps.
-_DECISION_CACHE_ENTRIES = 4096
-_DECISION_CACHE_BYTES = 4 << 20
-_DECISION_CACHE_MAX_STATEMENT = 64 << 10  # longer statements are decided each time
 _NOTHING_EXCLUDED: frozenset[str] = frozenset()
 _NEVER = float("inf")
 _BATCH_METHODS = frozenset({"executemany", "fetchmany"})
@@ -104,8 +101,8 @@ class Executor:
         self._check_idle_after = check_idle_after
         self._check_timeout = check_timeout
         self._check_open = check_open
-        self._decisions: dict[tuple[Any, ...], Decision] = {}
-        self._decision_bytes = 0
+        # Bounded by entries and by the bytes of the statements it keeps.
+        self.decisions: StatementCache[tuple[Any, ...], Decision] = StatementCache()
         self._decisions_cacheable = (policy.router is None and policy.rewrite is None
                                      and not check_function_volatility)
         # Candidates per request, valid while the membership's health epoch stands.
@@ -123,7 +120,7 @@ class Executor:
         scoped = route_scope.get()
         symmetric = self._membership.symmetric
         key = (query, role, default, scoped, symmetric)
-        decision = self._decisions.get(key)
+        decision = self.decisions.get(key)
         if decision is not None:
             return decision
         explicit = default if role is None else parse_role(role, RoleRequest.PRIMARY)
@@ -134,13 +131,8 @@ class Executor:
                           symmetric=symmetric, strip_comments=symmetric,
                           volatile_functions=volatile)
         # Pure in its inputs unless user hooks or the catalog take part: then no cache.
-        if self._decisions_cacheable and len(query) <= _DECISION_CACHE_MAX_STATEMENT:
-            if (len(self._decisions) >= _DECISION_CACHE_ENTRIES
-                    or self._decision_bytes + len(query) > _DECISION_CACHE_BYTES):
-                self._decisions.clear()
-                self._decision_bytes = 0
-            self._decisions[key] = decision
-            self._decision_bytes += len(query)
+        if self._decisions_cacheable:
+            self.decisions.put(key, decision, len(query))
         return decision
 
     def provably_read_only(self, decision: Decision) -> bool:
@@ -521,7 +513,7 @@ class Executor:
                   default: RoleRequest | None = None) -> Any:
         """Route one statement, run it, and retry it where the retry rule allows."""
         symmetric = self._membership.symmetric
-        decision = self._decisions.get(
+        decision = self.decisions.get(
             (query, role, default, route_scope.get(), symmetric)
         ) or await self.decide(query, role, default)
         if method in _BATCH_METHODS:
@@ -540,13 +532,17 @@ class Executor:
             else:
                 member, connection = await self.acquire(
                     decision.request, None, instance=decision.instance)
+            running = member.running
+            running[connection] = time.monotonic()
             try:
                 # The raw connection: we hold the proxy, so skip its per-call checks.
                 result = await getattr(connection._con, method)(
                     decision.query, *positional, **kwargs)
+                del running[connection]
                 if tracks_writes and self._may_have_written(decision, member):
                     await self.record_write_position(connection._con, scope)
             except (Exception, asyncio.CancelledError) as exc:
+                running.pop(connection, None)
                 outcome = await self._failed(member, connection, exc)
                 if outcome.may_have_run and outcome.retryable:
                     await self._learn_functions(decision)
@@ -582,7 +578,10 @@ class Executor:
             outcome = classify_failure(exc, Phase.RUN)
             if outcome is Outcome.READ_ONLY and member.instance.role.writable \
                     and not self._membership.symmetric:
-                outcome = confirm_read_only(await self._in_recovery(raw))
+                in_recovery = await self._in_recovery(raw)
+                outcome = confirm_read_only(
+                    in_recovery=in_recovery,
+                    still_primary=in_recovery or await self._membership.still_primary(member))
             elif outcome is Outcome.LOST_IN_FLIGHT and member.unresponsive:
                 outcome = Outcome.UNRESPONSIVE
         self._count(outcome)

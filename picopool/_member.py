@@ -37,6 +37,7 @@ class Member:
         "open_until",
         "pool",
         "probing",
+        "running",
         "served",
         "unresponsive",
     )
@@ -54,6 +55,8 @@ class Member:
         # Work on this instance now, for the liveness watch: checked-out connection
         # (asyncpg's proxy) -> when it was checked out; task -> when it began to acquire.
         self.inflight: dict[Any, float] = {}
+        # Pool-level statements on the wire now: connection -> when it was sent.
+        self.running: dict[Any, float] = {}
         self.acquiring: dict[asyncio.Task[Any], float] = {}
         self.interrupted: set[asyncio.Task[Any]] = set()  # acquirers cut off by the watch
         # Raw connection -> when it was last released (the checkout check pings

@@ -12,7 +12,7 @@ from typing import Any
 import asyncpg
 
 from ._dsn import asyncpg_dsn
-from ._errors import NoAvailableInstanceError, TopologyError, describe_error
+from ._errors import NoAvailableInstanceError, PoolClosedError, TopologyError, describe_error
 from ._member import Member
 from ._service import ServiceConnections
 from ._sql_probes import ELISION_SAFE_QUERY, REPLICA_LAG_QUERY
@@ -31,6 +31,12 @@ _MAX_DEMAND_GAP = 0.5
 _WATCH_INTERVAL = 0.5
 _STALL_AFTER = 0.5
 _PROBE_TIMEOUT = 1.5
+# A pool-level statement whose backend has been idle this long, while the client
+# still waits for its reply, was lost on the way (a half-open connection).
+_OVERDUE = 1.5
+_OVERDUE_QUERY = (
+    "SELECT pid FROM pg_stat_activity WHERE pid = ANY($1::int[]) "
+    "AND state = 'idle' AND now() - state_change > make_interval(secs => $2)")
 
 
 class Membership:
@@ -112,6 +118,9 @@ class Membership:
         self._refresh_lock = asyncio.Lock()
         self._refreshed = asyncio.Event()  # set after each refresh attempt, then replaced
         self._wakeup = asyncio.Event()
+        # Primaries that refused a write as read-only and that a refresh still named as
+        # the primary: their 25006 is the user's (a frozen role), until this time.
+        self._read_only_primary: dict[str, float] = {}
         self.demand_refreshes = 0  # refreshes that errors or waiting requests asked for
         self._liveness: dict[str, Any] = {}  # instance id -> the watch's own connection
         self.closing = False
@@ -131,6 +140,8 @@ class Membership:
                 f"{self.provider.name} discovery found no usable instance "
                 f"(seeds: {', '.join(map(str, self.seeds))})")
         await self._warm_up()
+        if self.closing:  # closed or terminated while starting: start nothing
+            raise PoolClosedError("the pool was closed while starting")
         self._background.append(asyncio.ensure_future(self._poll()))
         self._background.append(asyncio.ensure_future(self._watch()))
 
@@ -232,6 +243,31 @@ class Membership:
         if member.pool is not None:
             self.spawn(member.pool.expire_connections())
         self.request_refresh()
+
+    async def still_primary(self, member: Member) -> bool:
+        """After *member* refused a write as read-only while not in recovery: does
+        the cluster still name it the primary? Then the refusal is the user's own (a
+        role or database with ``default_transaction_read_only``), not a demotion.
+
+        Asks discovery once, then trusts the answer for a while, so that a frozen
+        primary costs one refresh, not one per statement. When discovery cannot
+        answer, the refusal goes to the user too (never a guess that retries).
+        """
+        instance_id = member.instance.id
+        if self._read_only_primary.get(instance_id, 0.0) > time.monotonic():
+            return True
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                topology = await self.refresh()
+        except Exception as exc:
+            logger.debug("cannot confirm a demotion: %s", describe_error(exc))
+            return True
+        primary = topology.primary
+        if primary is None or primary.id != instance_id:
+            return False
+        ttl = self._refresh_interval if self._refresh_interval is not None else 5.0
+        self._read_only_primary[instance_id] = time.monotonic() + max(1.0, ttl)
+        return True
 
     def request_refresh(self) -> asyncio.Event:
         """Ask the poller for a refresh soon; the event is set when one finishes.
@@ -497,6 +533,9 @@ class Membership:
                         return
                     self._liveness[instance.id] = connection
                 await connection.fetchval("SELECT 1")
+                overdue = self._overdue(member)
+                if overdue:
+                    await self._cut_lost(member, connection, overdue)
         except Exception as exc:
             stale = self._liveness.pop(instance.id, None)
             if stale is not None:
@@ -510,6 +549,32 @@ class Membership:
             member.unresponsive = False
             logger.warning("instance %s answers again", instance.label)
             self.health_changed()
+
+    @staticmethod
+    def _overdue(member: Member) -> dict[int, Any]:
+        """Statements waiting for a reply for longer than ``_OVERDUE``, by backend pid."""
+        now = time.monotonic()
+        overdue = {}
+        for connection, started in list(member.running.items()):
+            raw = connection._con
+            if raw is not None and now - started > _OVERDUE:
+                overdue[raw.get_server_pid()] = connection
+        return overdue
+
+    async def _cut_lost(self, member: Member, probe: Any, overdue: dict[int, Any]) -> None:
+        """The instance answers, but some statements' backends have long been idle:
+        their query or its reply was lost on a connection that no longer carries
+        anything. Cut those connections (no answer is an answer): the executor then
+        retries what provably cannot have written and raises the rest."""
+        rows = await probe.fetch(_OVERDUE_QUERY, list(overdue), _OVERDUE)
+        for row in rows:
+            connection = overdue[row[0]]
+            raw = connection._con
+            if raw is not None and member.running.get(connection) is not None:
+                logger.warning("a connection to %s stopped carrying anything (its backend "
+                               "has been idle for over %g s while a statement waits): "
+                               "cutting it", member.instance.label, _OVERDUE)
+                raw.terminate()
 
     def mark_unresponsive(self, member: Member, exc: BaseException) -> None:
         """Take *member* out of service until the watch hears from it again, and cut

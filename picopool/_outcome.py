@@ -129,9 +129,12 @@ def classify_failure(exc: BaseException, phase: Phase, *, budget_spent: bool = F
     return Outcome.STATEMENT_ERROR
 
 
-def confirm_read_only(in_recovery: bool | None) -> Outcome:
-    """A 25006 is a demotion only if the instance says it is in recovery."""
-    return Outcome.DEMOTED if in_recovery else Outcome.READ_ONLY
+def confirm_read_only(*, in_recovery: bool | None, still_primary: bool) -> Outcome:
+    """A 25006 from an instance picopool took for the primary is a demotion if the
+    instance says it is in recovery, or if discovery now names another primary.
+    Otherwise (a role or database with ``default_transaction_read_only``, or no
+    way to tell) it is the statement's own error."""
+    return Outcome.DEMOTED if in_recovery or not still_primary else Outcome.READ_ONLY
 
 
 def may_retry(outcome: Outcome, *, provably_read_only: bool) -> bool:

@@ -61,6 +61,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from ._builtins import NON_VOLATILE_BUILTINS, REPLICA_SAFE_VOLATILE, VOLATILE_BUILTINS
+from ._cache import StatementCache
 
 __all__ = [
     "VALID_ROLES",
@@ -888,19 +889,23 @@ def _classify_uncached(query: str) -> Classification:
     )
 
 
-_classify_cached = functools.lru_cache(maxsize=4096)(_classify_uncached)
+# Bounded by entries and by bytes: 4096 distinct 16 KiB statements stay under 4 MiB.
+_cache: StatementCache[str, Classification] = StatementCache(
+    max_entries=4096, max_bytes=4 << 20, max_statement=_MAX_CACHED_QUERY_LENGTH)
 
 
 def classify(query: str) -> Classification:
     """Classify *query*: read or write, called functions, reset need and hint."""
-    if len(query) > _MAX_CACHED_QUERY_LENGTH:
-        return _classify_uncached(query)
-    return _classify_cached(query)
+    found = _cache.get(query)
+    if found is None:
+        found = _classify_uncached(query)
+        _cache.put(query, found, len(query))
+    return found
 
 
 def clear_cache() -> None:
     """Forget every cached classification (tests and benchmarks)."""
-    _classify_cached.cache_clear()
+    _cache.clear()
 
 
 @functools.lru_cache(maxsize=256)
