@@ -25,10 +25,26 @@ from picopool.discovery import Static
 QUERY = "SELECT $1::int"
 
 
+class _Protocol:
+    def _is_cancelling(self) -> bool:
+        return False
+
+
 class _Connection:
+    _protocol = _Protocol()
+
     async def fetchval(self, query: str, *args: Any, column: int = 0,
                        timeout: float | None = None) -> int:
         return 1
+
+    async def reset(self, *, timeout: float | None = None) -> None:
+        return None
+
+    def is_closed(self) -> bool:
+        return False
+
+    def get_server_pid(self) -> int:
+        return 0
 
 
 class _Proxy:
@@ -41,6 +57,7 @@ class _SubPool:
 
     _initialized = True
     _initializing = False
+    _closed = False
 
     def __init__(self) -> None:
         self._proxy = _Proxy()
@@ -75,34 +92,44 @@ async def run(calls: int, rounds: int) -> None:
     cluster = LocalCluster(replicas=0)
     await asyncio.to_thread(cluster.start)
     try:
-        pool = await picopool.create_pool(
-            cluster.primary.dsn, discovery=Static(), min_size=1, max_size=1,
-            elide_reset=False, topology_refresh_interval=None, health_check_interval=None)
-        stand_in = _SubPool()
-        members = list(pool._membership.members.values())
-        real = [m.pool for m in members]
-        for member in members:
-            member.pool = stand_in
-
-        async def through_picopool() -> None:
-            await pool.fetchval(QUERY, 1)
-
-        async def direct() -> None:
-            connection = await stand_in.acquire()
-            await connection._con.fetchval(QUERY, 1)
-            await stand_in.release(connection)
-
-        try:
-            ours = min([await per_call(calls, through_picopool) for _ in range(rounds)])
-            bare = min([await per_call(calls, direct) for _ in range(rounds)])
-        finally:
-            for member, sub_pool in zip(members, real, strict=True):
-                member.pool = sub_pool
-            await pool.close()
-        print(f"pool.fetchval through picopool: {ours:.2f} us; the same calls made directly: "
-              f"{bare:.2f} us; picopool's own cost: {ours - bare:.2f} us per statement")
+        for elide in (False, True):
+            await measure(cluster, calls, rounds, elide)
     finally:
         await asyncio.to_thread(cluster.stop)
+
+
+async def measure(cluster: LocalCluster, calls: int, rounds: int, elide: bool) -> None:
+    """With the reset (made by picopool, elide=False) or without (elide=True): the
+    direct calls then make the same reset call, or none, as asyncpg's release would."""
+    pool = await picopool.create_pool(
+        cluster.primary.dsn, discovery=Static(), min_size=1, max_size=1,
+        elide_reset=elide, topology_refresh_interval=None, health_check_interval=None)
+    stand_in = _SubPool()
+    members = list(pool._membership.members.values())
+    real = [m.pool for m in members]
+    for member in members:
+        member.pool = stand_in
+
+    async def through_picopool() -> None:
+        await pool.fetchval(QUERY, 1)
+
+    async def direct() -> None:
+        connection = await stand_in.acquire()
+        await connection._con.fetchval(QUERY, 1)
+        if not elide:
+            await connection._con.reset()
+        await stand_in.release(connection)
+
+    try:
+        ours = min([await per_call(calls, through_picopool) for _ in range(rounds)])
+        bare = min([await per_call(calls, direct) for _ in range(rounds)])
+    finally:
+        for member, sub_pool in zip(members, real, strict=True):
+            member.pool = sub_pool
+        await pool.close()
+    print(f"{'reset elided' if elide else 'with reset  '}: pool.fetchval through "
+          f"picopool: {ours:.2f} us; the same calls made directly: {bare:.2f} us; "
+          f"picopool's own cost: {ours - bare:.2f} us per statement")
 
 
 def main() -> None:
