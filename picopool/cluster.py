@@ -8,7 +8,7 @@ replication lag and real failover, without Docker or an HA manager::
     with LocalCluster(replicas=2) as cluster:        # 0.8 s on tmpfs, 2 s on disk
         cluster.primary.sql("create table t (id int)")
         cluster.wait_replayed()                      # replicas have caught up
-        print(cluster.dsn)       # postgres://postgres@127.0.0.1:p0,127.0.0.1:p1,.../postgres
+        print(cluster.dsn)       # postgres://postgres:PW@127.0.0.1:p0,127.0.0.1:p1,.../postgres
         cluster.replicas[0].set_apply_delay("500ms") # real replication lag
         new_primary = cluster.failover()             # kill -9 the primary, promote node1
 
@@ -24,6 +24,13 @@ How it works:
   (``node0.log``, ...) and the Unix sockets. ``stop()`` removes it.
 * PostgreSQL refuses to run as root, so under root every server program runs as
   the ``postgres`` user, which then owns the directory.
+* Every connection needs the superuser's password (``scram-sha-256`` over TCP and
+  the Unix socket, replication included): a random one per cluster
+  (``cluster.password``), carried in ``cluster.dsn`` and ``node.dsn``. Without it,
+  any local user could connect as superuser and run programs as the server's OS
+  user (``COPY ... TO PROGRAM``). Replicas find it in a ``pgpass`` file (mode 0600,
+  owned by the server user) in the cluster's directory, which their
+  ``primary_conninfo`` names; ``initdb`` reads it from a file deleted right after.
 * Settings favour speed over durability (``fsync=off``, ``synchronous_commit=off``);
   ``synchronous=True`` turns on quorum commit (``ANY 1`` of the replicas).
 * Processes are tracked and signalled by the PID in ``postmaster.pid``, checked
@@ -38,6 +45,7 @@ import ctypes
 import os
 import pwd
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -47,6 +55,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -137,10 +146,23 @@ def _version_key(bindir: Path) -> tuple[int, ...]:
 
 
 class LocalNode:
-    """One PostgreSQL server of a :class:`LocalCluster` (usable on its own, too)."""
+    """One PostgreSQL server of a :class:`LocalCluster` (usable on its own, too).
+
+    ``password`` is the superuser's password (None: the server trusts its
+    clients); ``passfile`` a pgpass file holding it for the server user, which
+    ``primary_conninfo`` then names instead of the password itself.
+    """
 
     def __init__(
-        self, name: str, port: int, data_dir: Path, *, pg_bin: Path, log_file: Path
+        self,
+        name: str,
+        port: int,
+        data_dir: Path,
+        *,
+        pg_bin: Path,
+        log_file: Path,
+        password: str | None = None,
+        passfile: Path | None = None,
     ) -> None:
         self.name = name
         self.host = HOST
@@ -148,13 +170,27 @@ class LocalNode:
         self.data_dir = data_dir
         self.log_file = log_file
         self.pg_bin = pg_bin
+        self.password = password
+        self.passfile = passfile
 
     def __repr__(self) -> str:
         return f"<LocalNode {self.name} port={self.port} pid={self.pid}>"
 
     @property
     def dsn(self) -> str:
-        return f"postgres://{SUPERUSER}@{self.host}:{self.port}/{DATABASE}"
+        """``postgres://postgres:PASSWORD@127.0.0.1:PORT/postgres``."""
+        return self.dsn_at()
+
+    def dsn_at(self, host: str | None = None, port: int | None = None) -> str:
+        """This node's DSN, password included, aimed at ``host``/``port`` instead.
+
+        For a proxy in front of the node, or another spelling of its address::
+
+            node.dsn_at(port=proxy.port)   # postgres://postgres:PW@127.0.0.1:PROXY/postgres
+        """
+        host = self.host if host is None else host
+        shown = f"[{host}]" if ":" in host else host
+        return f"postgres://{_userinfo(self.password)}@{shown}:{port or self.port}/{DATABASE}"
 
     @property
     def pid(self) -> int | None:
@@ -244,10 +280,18 @@ class LocalNode:
         self.set_parameter("primary_conninfo", self.conninfo_for(primary))
 
     def conninfo_for(self, primary: LocalNode) -> str:
-        """``primary_conninfo`` for streaming from ``primary`` under this node's name."""
-        return (
+        """``primary_conninfo`` for streaming from ``primary`` under this node's name.
+
+        With a ``passfile`` it names that file; else it holds the password itself.
+        """
+        conninfo = (
             f"host={primary.host} port={primary.port} user={SUPERUSER} application_name={self.name}"
         )
+        if self.passfile is not None:
+            conninfo += f" passfile={_conninfo_literal(str(self.passfile))}"
+        elif self.password is not None:
+            conninfo += f" password={_conninfo_literal(self.password)}"
+        return conninfo
 
     def set_parameter(self, name: str, value: str | None) -> None:
         """Persist a setting in postgresql.auto.conf (``None`` resets it) and reload.
@@ -292,6 +336,8 @@ class LocalNode:
             "PGCLIENTENCODING": "UTF8",
             "PGCONNECT_TIMEOUT": str(max(1, round(timeout))),
         }
+        if self.password is not None:
+            env["PGPASSWORD"] = self.password  # in the environment, never in argv
         try:
             result = subprocess.run(
                 argv, capture_output=True, env=env, timeout=timeout, check=False
@@ -321,7 +367,8 @@ class LocalCluster:
     as ``/dev/shm`` starts about 3x faster than a disk). ``settings`` extend or
     override :data:`BASE_SETTINGS`; ``synchronous=True`` makes commits wait for
     any one replica; ``apply_delay`` (e.g. ``"200ms"``) sets
-    ``recovery_min_apply_delay`` on every replica.
+    ``recovery_min_apply_delay`` on every replica. ``password`` is the
+    superuser's (default: a fresh random one); every connection needs it.
     """
 
     def __init__(
@@ -333,9 +380,13 @@ class LocalCluster:
         settings: Mapping[str, str] | None = None,
         synchronous: bool = False,
         apply_delay: str | None = None,
+        password: str | None = None,
     ) -> None:
         if replicas < 0:
             raise ValueError("replicas must be >= 0")
+        if password is not None and (not password or "\n" in password or "\0" in password):
+            raise ValueError("password must be non-empty, without line breaks or NUL")
+        self.password: str = password if password is not None else secrets.token_urlsafe(24)
         self.initial_replicas = replicas
         parent = base_dir or os.environ.get("PICOPOOL_CLUSTER_DIR") or tempfile.gettempdir()
         # Absolute, because the data dir path identifies the postmaster in /proc/PID/cmdline.
@@ -379,9 +430,16 @@ class LocalCluster:
 
     @property
     def dsn(self) -> str:
-        """Multi-host DSN over all nodes, in creation order."""
+        """Multi-host DSN over all nodes, in creation order, with the superuser's password."""
         hosts = ",".join(f"{n.host}:{n.port}" for n in self.nodes)
-        return f"postgres://{SUPERUSER}@{hosts}/{DATABASE}"
+        return f"postgres://{_userinfo(self.password)}@{hosts}/{DATABASE}"
+
+    @property
+    def passfile(self) -> Path:
+        """The pgpass file (in the cluster's directory) the replicas read the password from."""
+        if self.base_dir is None:
+            raise ClusterError("cluster is not started")
+        return self.base_dir / "pgpass"
 
     def start(self) -> LocalCluster:
         """Create and start the whole cluster; return once every replica is streaming."""
@@ -397,6 +455,7 @@ class LocalCluster:
         try:
             _chown_to_server_user(self.base_dir)
             self.base_dir.chmod(0o755)
+            _write_private(self.passfile, f"*:*:*:*:{_pgpass_escape(self.password)}\n")
             self._primary = self._create_primary()
             self._create_replicas(self.initial_replicas)
             self.wait_streaming()
@@ -473,18 +532,27 @@ class LocalCluster:
     # -- building nodes ---------------------------------------------------------
 
     def _create_primary(self) -> LocalNode:
+        assert self.base_dir is not None
         node = self._new_node()
-        _run_server_program(
-            [
-                self.pg_bin / "initdb",
-                "-D", node.data_dir,
-                "-U", SUPERUSER,
-                "--auth=trust", "--no-sync", "--no-instructions",
-                "--encoding=UTF8", "--locale=C",
-            ],
-            timeout=120,
-            failure="initdb failed",
-        )  # fmt: skip
+        # initdb reads the password from a file the server user can read; only
+        # for as long as initdb runs.
+        pwfile = self.base_dir / "initdb.pw"
+        _write_private(pwfile, self.password + "\n")
+        try:
+            _run_server_program(
+                [
+                    self.pg_bin / "initdb",
+                    "-D", node.data_dir,
+                    "-U", SUPERUSER,
+                    "--auth=scram-sha-256", f"--pwfile={pwfile}",
+                    "--no-sync", "--no-instructions",
+                    "--encoding=UTF8", "--locale=C",
+                ],
+                timeout=120,
+                failure="initdb failed",
+            )  # fmt: skip
+        finally:
+            pwfile.unlink(missing_ok=True)
         settings = dict(self.settings)
         settings["unix_socket_directories"] = str(self.base_dir)
         if self.synchronous and self.initial_replicas:
@@ -496,10 +564,10 @@ class LocalCluster:
         _write_owned(conf, conf.read_text() + "\n# picopool.cluster\n" + "\n".join(lines) + "\n")
         _write_owned(
             node.data_dir / "pg_hba.conf",
-            "local all all trust\n"
-            "local replication all trust\n"
-            f"host all all {HOST}/32 trust\n"
-            f"host replication all {HOST}/32 trust\n",
+            "local all all scram-sha-256\n"
+            "local replication all scram-sha-256\n"
+            f"host all all {HOST}/32 scram-sha-256\n"
+            f"host replication all {HOST}/32 scram-sha-256\n",
         )
         node._edit_auto_conf({"port": str(node.port), "cluster_name": node.name})
         self._first_start(node)
@@ -524,9 +592,11 @@ class LocalCluster:
             ],
             timeout=300,
             failure=f"pg_basebackup of {node.name} failed",
+            env={"PGPASSFILE": str(self.passfile)},
         )  # fmt: skip
         # The copied postgresql.conf still names the primary's port, and -R's
-        # primary_conninfo has no application_name (needed to tell replicas apart).
+        # primary_conninfo has no application_name (needed to tell replicas apart)
+        # and holds the password itself, where ours names the pgpass file.
         node._edit_auto_conf(
             {
                 "port": str(node.port),
@@ -546,6 +616,8 @@ class LocalCluster:
             self.base_dir / name,
             pg_bin=self.pg_bin,
             log_file=self.base_dir / f"{name}.log",
+            password=self.password,
+            passfile=self.passfile,
         )
         self.nodes.append(node)  # before it runs, so cleanup always finds it
         return node
@@ -685,10 +757,15 @@ def _server_user_ids() -> tuple[int, int] | None:
 
 
 def _run_server_program(
-    argv: Sequence[str | Path], *, timeout: float, failure: str, log_file: Path | None = None
+    argv: Sequence[str | Path],
+    *,
+    timeout: float,
+    failure: str,
+    log_file: Path | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> None:
     ids = _server_user_ids()
-    env = _clean_env() | {"LC_MESSAGES": "C"}
+    env = _clean_env() | {"LC_MESSAGES": "C"} | dict(env or {})
     if ids is not None:
         env["HOME"] = pwd.getpwuid(ids[0]).pw_dir  # not root's home, which postgres can't read
     try:
@@ -834,6 +911,30 @@ def _write_owned(path: Path, text: str) -> None:
     """Write a file the server must own (we may be root, it is not)."""
     path.write_text(text)
     _chown_to_server_user(path)
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Create a file only the server user (and root) can read: mode 0600 from the start."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as file:
+        _chown_to_server_user(path)
+        file.write(text)
+
+
+def _userinfo(password: str | None) -> str:
+    """``postgres`` or ``postgres:PASSWORD`` (percent-encoded) for a URL."""
+    if password is None:
+        return SUPERUSER
+    return f"{SUPERUSER}:{urllib.parse.quote(password, safe='')}"
+
+
+def _conninfo_literal(value: str) -> str:
+    """A quoted libpq key/value conninfo value."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _pgpass_escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace(":", "\\:")
 
 
 def _conf_literal(value: str) -> str:

@@ -75,8 +75,9 @@ def test_roles_and_dsn(cluster: LocalCluster) -> None:
     assert [r.sql("select pg_is_in_recovery()") for r in cluster.replicas] == ["t", "t"]
     assert len({n.port for n in cluster.nodes}) == 3
     hosts = ",".join(f"127.0.0.1:{n.port}" for n in cluster.nodes)
-    assert cluster.dsn == f"postgres://postgres@{hosts}/postgres"
-    assert node1.dsn == f"postgres://postgres@127.0.0.1:{node1.port}/postgres"
+    password = cluster.password
+    assert cluster.dsn == f"postgres://postgres:{password}@{hosts}/postgres"
+    assert node1.dsn == f"postgres://postgres:{password}@127.0.0.1:{node1.port}/postgres"
     streaming = node0.sql(
         "select application_name from pg_stat_replication where state = 'streaming' order by 1"
     )
