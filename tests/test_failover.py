@@ -865,7 +865,7 @@ async def test_fatal_on_idle_pooled_connection_is_retried(
     proxy = await LingeringProxy(cluster.primary.host, cluster.primary.port, 2.0).start()
     try:
         pool = await make_pool(
-            f"postgres://postgres@127.0.0.1:{proxy.port}/postgres",
+            cluster.primary.dsn_at(port=proxy.port),
             discovery=Static(),
             min_size=1,
             max_size=1,

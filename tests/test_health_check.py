@@ -91,7 +91,7 @@ async def frozen_instance_pool(cluster: LocalCluster, make_pool: PoolFactory,
                                ) -> tuple[picopool.Pool, FreezingProxy]:
     proxy = await FreezingProxy(cluster.primary.host, cluster.primary.port).start()
     pool = await make_pool(
-        f"postgres://postgres@127.0.0.1:{proxy.port}/postgres", discovery=Static(),
+        cluster.primary.dsn_at(port=proxy.port), discovery=Static(),
         min_size=2, max_size=2, topology_refresh_interval=refresh_interval,
         connect_timeout=0.5,
         health_check_interval=health_check_interval,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import secrets
 import uuid
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -91,8 +92,7 @@ class EmulatedInstance:
 
     def dsn_via(self, host: str) -> str:
         """The DSN spelled with another host name for the same server (e.g. localhost)."""
-        shown = f"[{host}]" if ":" in host else host
-        return f"postgres://postgres@{shown}:{self.port}/postgres"
+        return self.node.dsn_at(host)
 
     def is_running(self) -> bool:
         return self.server is not None and self.node.is_running()
@@ -104,7 +104,9 @@ class EmulatedPicodata:
     ``state_format`` picks how ``current_state`` is written: ``"array"``
     (``["Online", 5]``) or ``"object"`` (``{"Online": 5}``). ``ipv6=True`` makes
     the servers also listen on ``::1``. ``log_statements`` logs every
-    statement to the server logs (see :meth:`server_log`).
+    statement to the server logs (see :meth:`server_log`). Every server has the
+    same superuser password (``password``), which the DSNs carry: a pool reaches
+    every instance with the credentials of the one in its DSN, as with Picodata.
     """
 
     def __init__(
@@ -128,6 +130,7 @@ class EmulatedPicodata:
         if ipv6:
             self._settings["listen_addresses"] = f"{HOST},::1"
         self._base_dir = base_dir
+        self.password = secrets.token_urlsafe(24)
         self.instances: dict[str, EmulatedInstance] = {}
         self._next_raft_id = 1
         self._baseline: dict[str, EmulatedInstance] = {}
@@ -179,12 +182,13 @@ class EmulatedPicodata:
 
     def _start_servers(self, count: int) -> list[LocalCluster]:
         def start_one(_: int) -> LocalCluster:
-            server = LocalCluster(replicas=0, settings=self._settings, base_dir=self._base_dir)
+            server = LocalCluster(replicas=0, settings=self._settings, base_dir=self._base_dir,
+                                  password=self.password)
             server.start()
             try:
                 if self.ipv6:
                     hba = server.primary.data_dir / "pg_hba.conf"
-                    hba.write_text(hba.read_text() + "host all all ::1/128 trust\n")
+                    hba.write_text(hba.read_text() + "host all all ::1/128 scram-sha-256\n")
                     server.primary.reload()
                 self._prepare_schema(server.primary)
             except BaseException:
