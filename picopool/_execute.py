@@ -181,7 +181,7 @@ class Executor:
         max_size = self._max_size
         return [
             Candidate(instance=i, in_use=members[i.id].in_use, idle=members[i.id].idle,
-                      max_size=max_size)
+                      max_size=max_size, latency=members[i.id])
             for i in select(request, usable)
         ]
 
@@ -538,7 +538,7 @@ class Executor:
                 # The raw connection: we hold the proxy, so skip its per-call checks.
                 result = await getattr(connection._con, method)(
                     decision.query, *positional, **kwargs)
-                del running[connection]
+                member.record_rtt(running.pop(connection), time.monotonic())
                 if tracks_writes and self._may_have_written(decision, member):
                     await self.record_write_position(connection._con, scope)
             except (Exception, asyncio.CancelledError) as exc:

@@ -37,6 +37,8 @@ class Member:
         "open_until",
         "pool",
         "probing",
+        "rtt",
+        "rtt_at",
         "running",
         "served",
         "unresponsive",
@@ -63,6 +65,10 @@ class Member:
         # one idle for longer than the health-check interval).
         self.last_used: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
         self.unresponsive = False  # the liveness watch got no answer: no traffic until one
+        # Moving average of pool-level statements' round trips (seconds) and when it
+        # was last updated: what LeastLatency balances on (strategies.LatencySample).
+        self.rtt = 0.0
+        self.rtt_at = 0.0
 
     @property
     def ready(self) -> bool:
@@ -100,6 +106,12 @@ class Member:
             if self.pool is pool:
                 self.pool = None  # asyncpg marks a pool whose init failed as closed
             raise
+
+    def record_rtt(self, sent: float, now: float) -> None:
+        """Fold one statement's round trip (sent at *sent*, answered at *now*) into ``rtt``."""
+        rtt = self.rtt
+        self.rtt = now - sent if rtt == 0.0 else rtt + 0.2 * (now - sent - rtt)
+        self.rtt_at = now
 
     def record_success(self) -> None:
         self.failures = 0

@@ -16,16 +16,27 @@ from picopool.strategies import (
     BalanceStrategy,
     Candidate,
     LeastConnections,
+    LeastLatency,
     Random,
     RoundRobin,
     Weighted,
 )
 
 
-def candidate(index: int, *, weight: float = 1.0, in_use: int = 0) -> Candidate:
+class Sample:
+    """A LatencySample that tests set by hand."""
+
+    def __init__(self, rtt: float = 0.0, rtt_at: float = 0.0) -> None:
+        self.rtt = rtt
+        self.rtt_at = rtt_at
+
+
+def candidate(index: int, *, weight: float = 1.0, in_use: int = 0,
+              rtt: float | None = None, rtt_at: float = 0.0) -> Candidate:
     instance = Instance(id=f"i{index}", address=Address(f"10.0.0.{index + 1}", 5432),
                         role=Role.REPLICA, weight=weight)
-    return Candidate(instance=instance, in_use=in_use, max_size=10)
+    latency = None if rtt is None else Sample(rtt, rtt_at)
+    return Candidate(instance=instance, in_use=in_use, max_size=10, latency=latency)
 
 
 def candidates(n: int) -> list[Candidate]:
@@ -37,7 +48,7 @@ def pick_counts(strategy: BalanceStrategy, pool: Sequence[Candidate], picks: int
 
 
 ALL_STRATEGIES: list[Callable[[], BalanceStrategy]] = [
-    RoundRobin, lambda: Random(seed=7), Weighted, LeastConnections]
+    RoundRobin, lambda: Random(seed=7), Weighted, LeastConnections, lambda: LeastLatency(seed=3)]
 
 
 @pytest.mark.parametrize("make", ALL_STRATEGIES)
@@ -171,9 +182,113 @@ def test_least_connections_weighs_load(specs: list[tuple[int, float]]) -> None:
     assert load(picked) == min(load(c) for c in pool)
 
 
+# -- LeastLatency ------------------------------------------------------------------
+
+NOW = 100.0
+latencies = st.floats(min_value=0.0, max_value=0.05)
+loads = st.integers(min_value=0, max_value=12)
+
+
+def fixed_clock() -> float:
+    return NOW
+
+
+def cost(c: Candidate) -> float:
+    return LeastLatency(clock=fixed_clock).cost(c)
+
+
+@given(st.lists(st.tuples(latencies, loads), min_size=2, max_size=2), st.integers(0, 2**32))
+def test_least_latency_between_two_takes_the_cheaper(specs: list[tuple[float, int]],
+                                                     seed: int) -> None:
+    # With two candidates both are always drawn: the cheaper one wins every time.
+    pool = [candidate(i, rtt=rtt, in_use=load, rtt_at=NOW) for i, (rtt, load) in
+            enumerate(specs)]
+    strategy = LeastLatency(seed=seed, clock=fixed_clock)
+    cheapest = min(cost(c) for c in pool)
+    for _ in range(20):
+        assert cost(strategy.pick(pool)) == cheapest
+
+
+@given(st.lists(st.tuples(latencies, loads), min_size=2, max_size=8), st.integers(0, 2**32))
+def test_least_latency_never_picks_the_single_most_expensive(
+        specs: list[tuple[float, int]], seed: int) -> None:
+    pool = [candidate(i, rtt=rtt, in_use=load, rtt_at=NOW) for i, (rtt, load) in
+            enumerate(specs)]
+    costs = [cost(c) for c in pool]
+    strategy = LeastLatency(seed=seed, clock=fixed_clock)
+    picked = [strategy.pick(pool) for _ in range(50)]
+    highest = max(costs)
+    if costs.count(highest) == 1:  # power of two choices: the worst always loses its duel
+        worst = pool[costs.index(highest)]
+        assert all(p is not worst for p in picked)
+
+
+@given(st.integers(min_value=2, max_value=6), st.integers(0, 2**32))
+def test_least_latency_spreads_over_equal_instances(n: int, seed: int) -> None:
+    pool = [candidate(i, rtt=0.001, rtt_at=NOW) for i in range(n)]
+    picks = 600 * n
+    counts = pick_counts(LeastLatency(seed=seed, clock=fixed_clock), pool, picks)
+    # Ties go to the first drawn, which is uniform: every instance gets its share.
+    assert all(abs(counts[c.instance.id] - picks / n) < 0.2 * picks / n for c in pool), counts
+
+
+@given(st.floats(min_value=0.0001, max_value=0.002), st.floats(min_value=2.0, max_value=50.0),
+       st.integers(min_value=0, max_value=12))
+def test_least_latency_prefers_the_fast_until_its_queue_costs_more(
+        fast: float, slowdown: float, in_flight: int) -> None:
+    slow = fast * slowdown
+    pool = [candidate(0, rtt=fast, in_use=in_flight, rtt_at=NOW),
+            candidate(1, rtt=slow, in_use=0, rtt_at=NOW)]
+    picked = LeastLatency(clock=fixed_clock).pick(pool)
+    queued, alone = cost(pool[0]), cost(pool[1])
+    if queued != alone:  # a tie goes to whichever was drawn first
+        assert picked.instance.id == ("i0" if queued < alone else "i1")
+
+
+@given(latencies.filter(lambda x: x > 0), loads)
+def test_least_latency_tries_an_unmeasured_instance_first(rtt: float, load: int) -> None:
+    pool = [candidate(0, rtt=rtt, in_use=0, rtt_at=NOW), candidate(1, rtt=0.0, in_use=load)]
+    assert LeastLatency(clock=fixed_clock).pick(pool).instance.id == "i1"
+
+
+@given(st.floats(min_value=0.0002, max_value=0.001), st.floats(min_value=3.0, max_value=30.0),
+       st.floats(min_value=0.5, max_value=5.0))
+def test_least_latency_probes_a_stale_slow_instance_again(fast: float, slowdown: float,
+                                                          decay: float) -> None:
+    # The slow instance's estimate is not refreshed while it gets no traffic; it
+    # shrinks with age, so it is tried again after about decay * slowdown seconds.
+    now = [NOW]
+    slow = Sample(fast * slowdown, NOW)
+    pool = [candidate(0, rtt=fast, in_use=0, rtt_at=NOW),
+            Candidate(instance=candidate(1).instance, latency=slow)]
+    strategy = LeastLatency(decay=decay, clock=lambda: now[0])
+    fresh = pool[0].latency
+    assert isinstance(fresh, Sample)
+    waited = 0.0
+    while strategy.pick(pool).instance.id == "i0":
+        waited += 0.05
+        now[0] = NOW + waited
+        fresh.rtt_at = now[0]  # the fast one stays busy and measured
+        assert waited < decay * slowdown + 0.1
+    assert waited >= min(decay, decay * slowdown) - 0.1
+
+
+def test_least_latency_rejects_a_non_positive_decay() -> None:
+    with pytest.raises(ValueError, match="decay"):
+        LeastLatency(decay=0)
+
+
+def test_least_latency_without_samples_is_least_connections() -> None:
+    pool = [candidate(0, in_use=3), candidate(1, in_use=1), candidate(2, in_use=2)]
+    strategy = LeastLatency(seed=9)
+    assert all(strategy.pick(pool).instance.id != "i0" for _ in range(50))
+
+
 # -- changing candidate lists ------------------------------------------------------
 
-UNIVERSE = [candidate(i, weight=float(1 + i % 3), in_use=i % 4) for i in range(8)]
+UNIVERSE = [candidate(i, weight=float(1 + i % 3), in_use=i % 4,
+                      rtt=None if i % 3 == 0 else 0.001 * (i % 5), rtt_at=1.0)
+            for i in range(8)]
 
 
 @pytest.mark.parametrize("make", ALL_STRATEGIES)
@@ -191,7 +306,7 @@ def test_changing_candidate_lists_never_fail(make: Callable[[], BalanceStrategy]
 
 def test_shrinking_list_after_many_picks() -> None:
     strategies: list[BalanceStrategy] = [RoundRobin(), Random(seed=1), Weighted(),
-                                         LeastConnections()]
+                                         LeastConnections(), LeastLatency(seed=1)]
     rng = random.Random(5)
     for strategy in strategies:
         for size in [8, 7, 3, 1, 5, 2, 8]:

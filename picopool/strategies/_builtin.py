@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import itertools
 import random
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 from ._base import Candidate
 
@@ -102,3 +103,57 @@ class LeastConnections:
 
     def __repr__(self) -> str:
         return "LeastConnections()"
+
+
+class LeastLatency:
+    """Power of two choices over each instance's round-trip time, weighted by load.
+
+    Two distinct candidates are drawn at random; the one with the lower cost
+    ``rtt * (in_use + 1)`` wins (ties go to the first drawn). ``rtt`` is the
+    instance's moving average of statement round trips (:class:`LatencySample`):
+    a fast instance takes most of the work until its queue of in-flight requests
+    costs more than one round trip to a slower one. An instance not measured yet
+    costs 0, so it is tried at once.
+
+    An estimate that has not been updated for longer than *decay* seconds shrinks
+    as ``rtt * decay / age``: an instance that was slow and gets no traffic is
+    probed again now and then (after about ``decay * slow / fast`` seconds), so a
+    recovery is noticed without sending it a steady share of the work.
+    """
+
+    __slots__ = ("_clock", "_decay", "_rng")
+
+    def __init__(self, *, decay: float = 2.0, seed: int | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if decay <= 0:
+            raise ValueError("decay must be positive")
+        self._decay = decay
+        self._rng = random.Random(seed)
+        self._clock = clock
+
+    def pick(self, candidates: Sequence[Candidate]) -> Candidate:
+        count = len(candidates)
+        if count == 1:
+            return candidates[0]
+        rng = self._rng.random
+        first = int(rng() * count)
+        second = int(rng() * (count - 1))
+        if second >= first:
+            second += 1
+        a, b = candidates[first], candidates[second]
+        return a if self.cost(a) <= self.cost(b) else b
+
+    def cost(self, candidate: Candidate) -> float:
+        """The expected wait on *candidate*: its decayed round trip times (in-flight + 1)."""
+        sample = candidate.latency
+        if sample is None:
+            return float(candidate.in_use + 1)  # unmeasured: least connections
+        rtt = sample.rtt
+        if rtt > 0.0:
+            age = self._clock() - sample.rtt_at
+            if age > self._decay:
+                rtt *= self._decay / age
+        return rtt * (candidate.in_use + 1)
+
+    def __repr__(self) -> str:
+        return f"LeastLatency(decay={self._decay})"

@@ -1,0 +1,99 @@
+"""What the benches share: timed slices, interleaved rounds, medians with their IQR.
+
+Every bench here measures its contenders side by side in one process: rounds of
+short slices, one slice per contender per round, the order rotated each round
+so that the machine's noise (other processes on the same cores) hits them alike.
+A figure is the median over rounds with its interquartile range; a ratio is the
+median of per-round ratios against a baseline measured in the same round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+Call = Callable[[], Awaitable[object]]
+
+
+@dataclass(frozen=True, slots=True)
+class Slice:
+    """One contender's slice: throughput and latency percentiles (seconds)."""
+
+    rate: float
+    p50: float
+    p99: float
+    cpu_us: float  # this process's CPU per call, in microseconds
+
+
+async def run_slice(call: Call, concurrency: int, seconds: float) -> Slice:
+    """Run *call* from *concurrency* callers for *seconds*; what it achieved."""
+    latencies: list[float] = []
+    record = latencies.append
+    clock = time.perf_counter
+    stop_at = clock() + seconds
+
+    async def caller() -> None:
+        while True:
+            started = clock()
+            if started >= stop_at:
+                return
+            await call()
+            record(clock() - started)
+
+    began, cpu_began = clock(), time.process_time()
+    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    elapsed = clock() - began
+    cpu = time.process_time() - cpu_began
+    if not latencies:
+        return Slice(0.0, float("nan"), float("nan"), float("nan"))
+    latencies.sort()
+    count = len(latencies)
+    return Slice(rate=count / elapsed, p50=latencies[count // 2],
+                 p99=latencies[min(count - 1, int(count * 0.99))],
+                 cpu_us=cpu / count * 1e6)
+
+
+async def interleave(contenders: Mapping[str, Call], *, concurrency: int, seconds: float,
+                     rounds: int, warm_up: float = 0.2) -> dict[str, list[Slice]]:
+    """*rounds* rounds of one slice per contender, rotating who goes first."""
+    for call in contenders.values():
+        await run_slice(call, concurrency, warm_up)
+    names = list(contenders)
+    results: dict[str, list[Slice]] = {name: [] for name in names}
+    for number in range(rounds):
+        shift = number % len(names)
+        for name in names[shift:] + names[:shift]:
+            results[name].append(await run_slice(contenders[name], concurrency, seconds))
+    return results
+
+
+@dataclass(frozen=True, slots=True)
+class Spread:
+    """A median and its interquartile range."""
+
+    median: float
+    q1: float
+    q3: float
+
+    def __str__(self) -> str:
+        return f"{self.median:.3g} (IQR {self.q1:.3g}-{self.q3:.3g})"
+
+    def fmt(self, scale: float = 1.0, digits: int = 2) -> str:
+        return (f"{self.median * scale:.{digits}f} "
+                f"({self.q1 * scale:.{digits}f}-{self.q3 * scale:.{digits}f})")
+
+
+def spread(values: list[float]) -> Spread:
+    """Median and quartiles (a single value is its own IQR)."""
+    if len(values) == 1:
+        return Spread(values[0], values[0], values[0])
+    q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return Spread(median, q1, q3)
+
+
+def ratios(values: list[float], base: list[float]) -> Spread:
+    """The spread of per-round ratios value/base."""
+    return spread([v / b for v, b in zip(values, base, strict=True) if b > 0])
