@@ -33,7 +33,7 @@ from ._errors import NoAvailableInstanceError, PoolClosedError, describe_error
 from ._member import Member
 from ._membership import Membership
 from ._outcome import Outcome, Phase, classify_failure, confirm_read_only, may_retry
-from ._routing import Decision, RoleRequest, RoutingPolicy, decide, parse_role, select
+from ._routing import Decision, RoleRequest, RoutingPolicy, decide, parse_role, select, spill
 from ._sql import classify
 from ._sql_probes import DEALLOCATE_SQL_PREPARED
 from ._topology import Instance, Role
@@ -235,6 +235,8 @@ class Executor:
         if instance is None and only is None and not self._membership.closing:
             # The common case, kept lean: a healthy instance and a ready sub-pool.
             candidates = self.cached_candidates(request)
+            if request is RoleRequest.SPILL:
+                candidates = spill(candidates)
             if candidates:
                 member = self._membership.members[self._strategy.pick(candidates).instance.id]
                 if member.failures == 0 and member.ready:
@@ -281,6 +283,8 @@ class Executor:
         attempts: dict[str, str] = {}
         while True:
             candidates = self.candidates(request, excluded, only)
+            if request is RoleRequest.SPILL:
+                candidates = spill(candidates)
             if not candidates:
                 remaining = deadline - loop.time()
                 if remaining <= 0:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from ._errors import ConfigurationError
 from ._sql import StatementKind, classify, strip_hint
 from ._topology import Instance, Role
+from .strategies import Candidate
 
 
 class RoleRequest(enum.Enum):
@@ -18,6 +19,7 @@ class RoleRequest(enum.Enum):
     REPLICA = "replica"  # reads that must not touch the primary
     ANY = "any"  # any instance that is up
     PREFER_REPLICA = "prefer-replica"  # a replica, else the primary
+    SPILL = "spill"  # a replica; the primary too while every replica is saturated
 
 
 _BY_NAME = {r.value: r for r in RoleRequest} | {"prefer_replica": RoleRequest.PREFER_REPLICA}
@@ -52,12 +54,40 @@ def select(request: RoleRequest, instances: list[Instance]) -> list[Instance]:
     ]
     if request is RoleRequest.REPLICA:
         return readers
+    if request is RoleRequest.SPILL:
+        return readers + [i for i in writable if i not in readers]
     return readers or writable
+
+
+def spill(candidates: list[Candidate]) -> list[Candidate]:
+    """Where a ``SPILL`` read may go now, among *candidates* (``select``'s answer).
+
+    The replicas that have a free connection; when every replica's connections
+    are all in use, the primary too, but only while it keeps a reserve of
+    ``max_size // 4`` connections (at least one) free for writes; else every
+    replica (the read waits for one, as it would without the primary). With no
+    replica at all, the primary (``fallback_to_primary``).
+    """
+    free: list[Candidate] = []
+    readers = 0
+    for candidate in candidates:
+        if not candidate.instance.role.writable:
+            readers += 1
+            if candidate.in_use < candidate.max_size:
+                free.append(candidate)
+    if free:
+        return free
+    if not readers:
+        return candidates
+    spare = [c for c in candidates if c.instance.role.writable
+             and c.in_use < c.max_size - max(1, c.max_size // 4)]
+    return spare or [c for c in candidates if not c.instance.role.writable]
 
 
 class ReadWriteSplit(enum.Enum):
     REPLICAS = "replicas"  # reads go to replicas
     INCLUDE_PRIMARY = "include_primary"  # reads go to replicas and the primary
+    PREFER_REPLICAS = "prefer_replicas"  # replicas; the primary when they are saturated
     OFF = "off"  # everything goes to the primary
 
 
@@ -87,6 +117,7 @@ class Decision:
     # The user sent it to the primary or named an instance (role=, pool.route(), a
     # hint, the router): a sign that it may write, whatever the classifier says.
     user_routed_to_primary: bool = False
+    reason: str = ""  # why it goes there: the classifier's verdict, or who decided
 
 
 def read_request(policy: RoutingPolicy, symmetric: bool) -> RoleRequest:
@@ -97,6 +128,8 @@ def read_request(policy: RoutingPolicy, symmetric: bool) -> RoleRequest:
         return RoleRequest.PRIMARY
     if policy.split is ReadWriteSplit.INCLUDE_PRIMARY:
         return RoleRequest.ANY
+    if policy.split is ReadWriteSplit.PREFER_REPLICAS:
+        return RoleRequest.SPILL
     return RoleRequest.PREFER_REPLICA if policy.fallback_to_primary else RoleRequest.REPLICA
 
 
@@ -123,18 +156,23 @@ def decide(
     by_user = True
     if explicit is not None:
         request = explicit
+        reason = "role="
     elif scoped is not None:
         request = scoped
+        reason = "pool.route()"
     elif hint is not None and (hint.role is not None or hint.instance is not None):
         request = parse_role(hint.role, guess) if hint.role else guess
         instance = hint.instance
+        reason = "hint"
     else:
         request = guess
         by_user = False
+        reason = info.reason if not (info.functions & write_functions) else "write function"
         if policy.router is not None:
             routed = policy.router(query, guess.value)
             if routed is not None:
                 by_user = True
+                reason = "router"
                 if routed in _BY_NAME:
                     request = _BY_NAME[routed]
                 else:
@@ -154,4 +192,5 @@ def decide(
         elide_reset=policy.elide_reset and not leaves_state,
         functions=info.functions,
         user_routed_to_primary=user_routed_to_primary,
+        reason=reason,
     )

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import random
 from collections import Counter
 from collections.abc import Callable, Sequence
 
 import pytest
+from conftest import PoolFactory
 from hypothesis import given
 from hypothesis import strategies as st
 
 from picopool import Address, Instance, Role
+from picopool._routing import spill
+from picopool.cluster import LocalCluster
 from picopool.strategies import (
     BalanceStrategy,
     Candidate,
@@ -330,3 +334,62 @@ def test_user_strategy_satisfies_the_protocol() -> None:
     assert not isinstance(object(), BalanceStrategy)
     pool = candidates(3)
     assert PickLast().pick(pool) is pool[-1]
+
+
+# -- read_write_split="prefer_replicas": spill() --------------------------------------
+
+
+def member_of(index: int, role: Role, in_use: int, max_size: int) -> Candidate:
+    instance = Instance(id=f"n{index}", address=Address("10.0.1.1", 5432 + index), role=role)
+    return Candidate(instance=instance, in_use=in_use, max_size=max_size)
+
+
+@given(st.integers(min_value=1, max_value=12), st.integers(min_value=0, max_value=12),
+       st.lists(st.integers(min_value=0, max_value=12), max_size=4))
+def test_spill_uses_the_primary_only_when_every_replica_is_saturated(
+        max_size: int, primary_in_use: int, replica_in_use: list[int]) -> None:
+    primary_in_use = min(primary_in_use, max_size)
+    pool = [member_of(0, Role.PRIMARY, primary_in_use, max_size)] + [
+        member_of(i + 1, Role.REPLICA, min(load, max_size), max_size)
+        for i, load in enumerate(replica_in_use)]
+    chosen = spill(pool)
+    replicas = pool[1:]
+    free = [c for c in replicas if c.in_use < max_size]
+    reserve = max(1, max_size // 4)
+    assert chosen  # never empty
+    if not replicas:
+        assert chosen == pool  # no replica: the primary, as fallback_to_primary does
+    elif free:
+        assert chosen == free  # the primary is kept for writes
+    elif primary_in_use < max_size - reserve:
+        assert chosen == [pool[0]]  # every replica is saturated: spill
+    else:
+        assert chosen == replicas  # the primary's reserve is for writes: wait for a replica
+
+
+def test_spill_over_peers_or_unprobed_instances_uses_them_all() -> None:
+    pool = [member_of(i, role, 5, 5) for i, role in enumerate([Role.PEER, Role.UNKNOWN])]
+    assert spill(pool) == pool
+
+
+@pytest.mark.integration
+async def test_prefer_replicas_spills_reads_to_the_primary_only_under_saturation(
+        cluster: LocalCluster, make_pool: PoolFactory) -> None:
+    pool = await make_pool(cluster.dsn, read_write_split="prefer_replicas", min_size=2,
+                           max_size=2, strategy=LeastConnections())
+    query = "SELECT pg_is_in_recovery()"
+    assert await pool.fetchval(query) is True  # replicas have room: a replica
+    held = [await pool.acquire(role="replica") for _ in range(4)]  # both replicas full
+    try:
+        assert {await c.fetchval("SELECT inet_server_port()") for c in held} == {
+            n.port for n in cluster.replicas}
+        assert await pool.fetchval(query) is False  # every replica saturated: the primary
+        async with pool.acquire(role="primary"):  # the primary's reserve is for writes
+            with pytest.raises(TimeoutError):  # so a read waits for a replica
+                await asyncio.wait_for(pool.fetchval(query), 0.3)
+            await pool.execute("SELECT 1 /* picopool: role=primary */")  # writes still get in
+        await pool.release(held.pop())
+        assert await pool.fetchval(query) is True  # a replica has room again
+    finally:
+        for connection in held:
+            await pool.release(connection)
