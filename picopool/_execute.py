@@ -30,6 +30,7 @@ from typing import Any
 from ._cache import StatementCache
 from ._catalog import FunctionCatalog
 from ._errors import NoAvailableInstanceError, PoolClosedError, describe_error
+from ._events import AcquireFinished, Events, ResetDone, StatementFinished
 from ._member import Member
 from ._membership import Membership
 from ._outcome import Outcome, Phase, classify_failure, confirm_read_only, may_retry
@@ -84,6 +85,7 @@ class Executor:
         check_open: Callable[[], None],
     ) -> None:
         self._membership = membership
+        self._events: Events = membership.events
         self._strategy = strategy
         self._policy = policy
         self._catalog = catalog
@@ -247,6 +249,8 @@ class Executor:
                         connection = await member.pool.acquire(timeout=timeout)
                     except (Exception, asyncio.CancelledError) as exc:
                         member.acquiring.pop(task, None)  # type: ignore[arg-type]
+                        if self._events.on:
+                            self._acquired(member, request, started, False)
                         elapsed = time.monotonic() - started
                         if timeout is not None:  # what is left of the caller's timeout
                             timeout = max(0.001, timeout - elapsed)
@@ -256,6 +260,8 @@ class Executor:
                         return await self._acquire_carefully(
                             request, timeout, None, None, {member.instance.id})
                     member.acquiring.pop(task, None)  # type: ignore[arg-type]
+                    if self._events.on:
+                        self._acquired(member, request, started, True)
                     checked = await self._checked(member, connection)
                     if checked is not None:
                         return member, checked
@@ -311,7 +317,7 @@ class Executor:
             wait = max(deadline - loop.time(), 0.001)
             task = asyncio.current_task()
             started = loop.time()
-            member.acquiring[task] = time.monotonic()  # type: ignore[index]
+            started_at = member.acquiring[task] = time.monotonic()  # type: ignore[index]
             try:
                 pool = member.pool if member.ready else await asyncio.wait_for(
                     member.ensure_ready(), wait)  # shielded inside: only our wait ends
@@ -319,6 +325,8 @@ class Executor:
             except (Exception, asyncio.CancelledError) as exc:
                 member.acquiring.pop(task, None)  # type: ignore[arg-type]
                 member.probing = False
+                if self._events.on:
+                    self._acquired(member, request, started_at, False)
                 outcome = self._acquire_failed(member, exc, timeout, loop.time() - started,
                                                wait, attempts)
                 if outcome is None:
@@ -333,6 +341,8 @@ class Executor:
                 continue
             member.acquiring.pop(task, None)  # type: ignore[arg-type]
             member.probing = False
+            if self._events.on:
+                self._acquired(member, request, started_at, True)
             checked = await self._checked(member, connection)
             if checked is None:
                 attempts[member.instance.label] = "a dead idle connection"
@@ -341,8 +351,7 @@ class Executor:
             if probing:
                 logger.info("instance %s is back", member.instance.label)
             if member.failures:
-                member.record_success()
-                self._membership.health_changed()
+                self._membership.note_success(member)
             return member, checked
 
     def _acquire_failed(self, member: Member, exc: BaseException, timeout: float | None,
@@ -374,6 +383,21 @@ class Executor:
             self._membership.note_failure(member, exc)
         attempts[member.instance.label] = describe_error(exc)
         return outcome
+
+    def _acquired(self, member: Member, request: RoleRequest, started: float,
+                  ok: bool) -> None:
+        instance = member.instance
+        self._events.emit(AcquireFinished(
+            instance=instance.label, role=instance.role.value, request=request.value,
+            waited=time.monotonic() - started, ok=ok))
+
+    def _finished(self, member: Member, decision: Decision, method: str,
+                  args: tuple[Any, ...], outcome: str, sent: float, attempt: int) -> None:
+        instance = member.instance
+        self._events.emit(StatementFinished(
+            instance=instance.label, role=instance.role.value, request=decision.request.value,
+            reason=decision.reason, method=method, query=decision.query, args=args,
+            outcome=outcome, duration=time.monotonic() - sent, attempt=attempt))
 
     def _exhausted(self, member: Member) -> bool:
         """Every connection of *member*'s sub-pool is checked out."""
@@ -537,7 +561,7 @@ class Executor:
                 member, connection = await self.acquire(
                     decision.request, None, instance=decision.instance)
             running = member.running
-            running[connection] = time.monotonic()
+            running[connection] = sent = time.monotonic()
             try:
                 # The raw connection: we hold the proxy, so skip its per-call checks.
                 result = await getattr(connection._con, method)(
@@ -547,6 +571,10 @@ class Executor:
                     await self.record_write_position(connection._con, scope)
             except (Exception, asyncio.CancelledError) as exc:
                 running.pop(connection, None)
+                if self._events.on:
+                    self._finished(member, decision, method, positional,
+                                   "caller-timeout" if isinstance(exc, asyncio.CancelledError)
+                                   else classify_failure(exc, Phase.RUN).value, sent, attempt)
                 outcome = await self._failed(member, connection, exc)
                 if outcome.may_have_run and outcome.retryable:
                     await self._learn_functions(decision)
@@ -563,6 +591,8 @@ class Executor:
                 await asyncio.sleep(min(1.0, 0.05 * 2 ** attempt) * random.uniform(0.5, 1.5))
                 continue
             member.served += 1
+            if self._events.on:
+                self._finished(member, decision, method, positional, "ok", sent, attempt)
             if decision.elide_reset and self._elision_allowed and self._membership.elision_safe:
                 reset = Reset.NONE
             else:
@@ -637,20 +667,23 @@ class Executor:
         raw = connection._con
         if raw is None:
             return  # asyncpg has released it already (it was terminated)
-        if True:
-            if self._check_idle_after is not None:
-                member.last_used[raw] = time.monotonic()
-            if reset is not Reset.NONE and self._membership.picopool_resets \
-                    and not raw.is_closed():
-                try:
-                    await _reset(raw, reset, timeout)
-                except (Exception, asyncio.CancelledError) as exc:
-                    raw.terminate()
-                    await _release_closed(member, connection)
-                    if quiet and not isinstance(exc, asyncio.CancelledError):
-                        logger.debug("reset failed: %s", describe_error(exc))
-                        return
-                    raise
+        if self._events.on:
+            self._events.emit(ResetDone(
+                instance=member.instance.label,
+                elided=reset is Reset.NONE or not self._membership.picopool_resets))
+        if self._check_idle_after is not None:
+            member.last_used[raw] = time.monotonic()
+        if reset is not Reset.NONE and self._membership.picopool_resets \
+                and not raw.is_closed():
+            try:
+                await _reset(raw, reset, timeout)
+            except (Exception, asyncio.CancelledError) as exc:
+                raw.terminate()
+                await _release_closed(member, connection)
+                if quiet and not isinstance(exc, asyncio.CancelledError):
+                    logger.debug("reset failed: %s", describe_error(exc))
+                    return
+                raise
         try:
             await member.pool.release(connection, timeout=timeout)
         except (Exception, asyncio.CancelledError) as exc:

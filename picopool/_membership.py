@@ -13,6 +13,14 @@ import asyncpg
 
 from ._dsn import asyncpg_dsn
 from ._errors import NoAvailableInstanceError, PoolClosedError, TopologyError, describe_error
+from ._events import (
+    BreakerChanged,
+    ConnectionClosed,
+    ConnectionOpened,
+    Events,
+    RefreshFailed,
+    TopologyChanged,
+)
 from ._member import Member
 from ._service import ServiceConnections
 from ._sql_probes import ELISION_SAFE_QUERY, REPLICA_LAG_QUERY
@@ -74,6 +82,7 @@ class Membership:
         probe_timeout: float = _PROBE_TIMEOUT,
     ) -> None:
         self.dsn = dsn  # the user's, as given: mask it wherever it is shown
+        self.events = Events()
         self._connect_kwargs = connect_kwargs
         self._pool_options = pool_options  # asyncpg.create_pool's, per instance
         self.seeds = tuple(seeds)
@@ -233,8 +242,17 @@ class Membership:
         error = describe_error(exc)
         member.record_failure(error)
         self.health_changed()
+        if self.events.on:
+            self.events.emit(BreakerChanged(member.instance.label, "open", error))
         logger.warning("instance %s failed: %s", member.instance.label, error)
         self.request_refresh()
+
+    def note_success(self, member: Member) -> None:
+        """*member* served again after failures: close its breaker."""
+        member.record_success()
+        self.health_changed()
+        if self.events.on:
+            self.events.emit(BreakerChanged(member.instance.label, "closed", None))
 
     def mark_demoted(self, member: Member) -> None:
         """A former primary: stop writing to it at once and learn the new one."""
@@ -315,6 +333,8 @@ class Membership:
         except (Exception, asyncio.CancelledError) as exc:
             self.refresh_failures += 1
             self.last_refresh_error = describe_error(exc)
+            if self.events.on:
+                self.events.emit(RefreshFailed(self.last_refresh_error))
             if isinstance(exc, asyncio.CancelledError | TopologyError):
                 raise
             raise TopologyError(
@@ -358,6 +378,9 @@ class Membership:
                 symmetric=discovered.symmetric,
                 service_address=self.service.service_address(),
             )
+            if self.events.on:
+                self.events.emit(TopologyChanged(self.topology.version, tuple(
+                    (i.label, i.role.value) for i in instances)))
         self.service.forget_except({i.address for i in instances})
         # Published now, while the lag measurement may still be running: routing
         # must see the new membership at once, not after the whole refresh.
@@ -431,9 +454,29 @@ class Membership:
         # Without one of the user's or the provider's, picopool runs asyncpg's
         # reset itself before releasing (see Executor.release).
         options["reset"] = self._user_reset or self._provider_reset or _after_asyncpg_housekeeping
+        options["init"] = self._connection_opened(instance, options.get("init"))
         self.picopool_resets = self._user_reset is None and self._provider_reset is None
         return asyncpg.create_pool(asyncpg_dsn(self.dsn), **options,
                                    **self._instance_connect_kwargs(instance))
+
+    def _connection_opened(self, instance: Instance,
+                           user_init: Callable[[Any], Any] | None) -> Callable[[Any], Any]:
+        """The sub-pool's ``init=``: tell the listeners, then run the user's own."""
+        label = instance.label
+        events = self.events
+
+        def closed(connection: Any) -> None:
+            if events.on:
+                events.emit(ConnectionClosed(label, lost=False))
+
+        async def init(connection: Any) -> None:
+            connection.add_termination_listener(closed)
+            if events.on:
+                events.emit(ConnectionOpened(label))
+            if user_init is not None:
+                await user_init(connection)
+
+        return init
 
     def _instance_connect_kwargs(self, instance: Instance) -> dict[str, Any]:
         """The user's connect kwargs, pointed at one instance."""
@@ -549,6 +592,8 @@ class Membership:
             member.unresponsive = False
             logger.warning("instance %s answers again", instance.label)
             self.health_changed()
+            if self.events.on:
+                self.events.emit(BreakerChanged(instance.label, "answers", None))
 
     @staticmethod
     def _overdue(member: Member) -> dict[int, Any]:
@@ -582,6 +627,9 @@ class Membership:
         executor retries what provably cannot have written and raises the rest) and
         waiting checkouts move to another instance."""
         member.unresponsive = True
+        if self.events.on:
+            self.events.emit(BreakerChanged(member.instance.label, "unresponsive",
+                                            describe_error(exc)))
         logger.warning("instance %s does not answer (%s): no traffic until it does; "
                        "cutting %d connections in use and %d waiting checkouts",
                        member.instance.label, describe_error(exc), len(member.inflight),

@@ -25,6 +25,7 @@ from ._errors import (
     ConfigurationError,
     PoolClosedError,
 )
+from ._events import Listener
 from ._execute import Executor, Reset, causal_scope, route_scope
 from ._member import Member
 from ._membership import Membership
@@ -393,6 +394,17 @@ class Pool:
             causal_scope.reset(reset)
             if outer is not None:
                 outer.lsn = max(outer.lsn, scope.lsn)
+
+    def add_event_listener(self, listener: Listener) -> None:
+        """Call ``listener(event)`` for every :mod:`picopool.events` event from now on.
+
+        Listeners run inline: quick, synchronous, never blocking. One that raises is
+        logged and the statement goes on.
+        """
+        self._membership.events.add(listener)
+
+    def remove_event_listener(self, listener: Listener) -> None:
+        self._membership.events.remove(listener)
 
     def causal_token(self) -> str:
         """The WAL position of the last write seen in this task's scope (or pool-wide)."""
