@@ -30,7 +30,7 @@ async def test_statements_acquires_and_resets_are_reported(
     statements = [e for e in seen if isinstance(e, events.StatementFinished)]
     assert [(s.method, s.outcome, s.attempt) for s in statements] == [
         ("fetchval", "ok", 0), ("execute", "ok", 0), ("fetchval", "statement-error", 0)]
-    read, write, failed = statements
+    read, write, _ = statements
     assert read.role == "replica" and read.request == "prefer-replica"
     assert read.reason == "select"
     assert write.role == "primary" and write.reason == "role="
