@@ -6,6 +6,7 @@ import asyncio
 import logging
 import random
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -22,9 +23,10 @@ from ._events import (
     TopologyChanged,
 )
 from ._member import Member
+from ._quietlog import QuietFloor, quiet_sub_pool
 from ._service import ServiceConnections
 from ._sql_probes import ELISION_SAFE_QUERY, REPLICA_LAG_QUERY
-from ._topology import Address, Instance, Topology, plan_reconcile
+from ._topology import Address, Instance, Role, Topology, plan_reconcile
 from ._wal import parse_lsn
 from .discovery import DiscoveryProvider, detect_provider
 
@@ -64,6 +66,9 @@ class Membership:
     serve changes, :attr:`health_epoch` moves so that its caches follow.
     """
 
+    #: Where each instance's sub-pool connects (create_pool's address_map=), or None.
+    address_map: Callable[[Address], tuple[str, int]] | None = None
+
     def __init__(
         self,
         *,
@@ -80,9 +85,12 @@ class Membership:
         check_elision: bool,
         user_reset: Callable[[Any], Any] | None,
         probe_timeout: float = _PROBE_TIMEOUT,
+        max_lifetime: float | None = None,
+        readiness_check: bool = False,
     ) -> None:
         self.dsn = dsn  # the user's, as given: mask it wherever it is shown
         self.events = Events()
+        self.quiet = QuietFloor()  # one warning per unreachable instance, not tracebacks
         self._connect_kwargs = connect_kwargs
         self._pool_options = pool_options  # asyncpg.create_pool's, per instance
         self.seeds = tuple(seeds)
@@ -133,6 +141,11 @@ class Membership:
         self.demand_refreshes = 0  # refreshes that errors or waiting requests asked for
         self._liveness: dict[str, Any] = {}  # instance id -> the watch's own connection
         self.closing = False
+        # max_lifetime: raw connection -> the (jittered) time to close it on release.
+        self._max_lifetime = max_lifetime
+        self.expires: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+        # Readiness: new and recovering instances get no traffic until confirmed.
+        self.readiness_check = readiness_check
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -149,10 +162,15 @@ class Membership:
                 f"{self.provider.name} discovery found no usable instance "
                 f"(seeds: {', '.join(map(str, self.seeds))})")
         await self._warm_up()
+        if self.readiness_check:
+            await asyncio.gather(*(self.confirm(m) for m in list(self.members.values())
+                                   if not m.confirmed))
         if self.closing:  # closed or terminated while starting: start nothing
             raise PoolClosedError("the pool was closed while starting")
         self._background.append(asyncio.ensure_future(self._poll()))
         self._background.append(asyncio.ensure_future(self._watch()))
+        if self.readiness_check:
+            self._background.append(asyncio.ensure_future(self._confirm_loop()))
 
     async def _warm_up(self) -> None:
         members = list(self.members.values())
@@ -241,6 +259,8 @@ class Membership:
         self.failures_noted += 1
         error = describe_error(exc)
         member.record_failure(error)
+        if self.readiness_check:
+            member.confirmed = False  # recovering: no traffic until confirmed again
         self.health_changed()
         if self.events.on:
             self.events.emit(BreakerChanged(member.instance.label, "open", error))
@@ -346,18 +366,25 @@ class Membership:
         previous = self.topology
         for member_id in plan.remove:
             self.replay_lsn.pop(member_id, None)
+            liveness = self._liveness.pop(member_id, None)
+            if liveness is not None:
+                liveness.terminate()
             member = self.members.pop(member_id)
             logger.info("instance %s left the topology; draining", member.instance.label)
             self.drain(member)
         for instance in plan.add:
             logger.info("instance %s joined as %s", instance.label, instance.role.value)
             self.members[instance.id] = Member(instance, self._make_sub_pool)
+            if self.readiness_check:
+                self.members[instance.id].confirmed = False
         for member_id in plan.expire:
             self.replay_lsn.pop(member_id, None)
             member = self.members[member_id]
             logger.info("instance %s changed role %s -> %s; expiring its connections",
                         member.instance.label, member.instance.role.value,
                         next(i.role.value for i in plan.keep if i.id == member_id))
+            if self.readiness_check:
+                member.confirmed = False  # its new role must be confirmed first
             if member.pool is not None:
                 await member.pool.expire_connections()
         for instance in plan.keep:
@@ -456,14 +483,18 @@ class Membership:
         options["reset"] = self._user_reset or self._provider_reset or _after_asyncpg_housekeeping
         options["init"] = self._connection_opened(instance, options.get("init"))
         self.picopool_resets = self._user_reset is None and self._provider_reset is None
-        return asyncpg.create_pool(asyncpg_dsn(self.dsn), **options,
+        pool = asyncpg.create_pool(asyncpg_dsn(self.dsn), **options,
                                    **self._instance_connect_kwargs(instance))
+        quiet_sub_pool(pool, self.quiet, instance.label)
+        return pool
 
     def _connection_opened(self, instance: Instance,
                            user_init: Callable[[Any], Any] | None) -> Callable[[Any], Any]:
         """The sub-pool's ``init=``: tell the listeners, then run the user's own."""
         label = instance.label
         events = self.events
+        lifetime, expires = self._max_lifetime, self.expires
+        quiet = self.quiet
 
         def closed(connection: Any) -> None:
             if events.on:
@@ -471,6 +502,9 @@ class Membership:
 
         async def init(connection: Any) -> None:
             connection.add_termination_listener(closed)
+            if lifetime is not None:  # psycopg_pool's jitter: up to 5% early
+                expires[connection] = time.monotonic() + lifetime * random.uniform(0.95, 1.0)
+            quiet.recovered(label)
             if events.on:
                 events.emit(ConnectionOpened(label))
             if user_init is not None:
@@ -481,7 +515,10 @@ class Membership:
     def _instance_connect_kwargs(self, instance: Instance) -> dict[str, Any]:
         """The user's connect kwargs, pointed at one instance."""
         kwargs = dict(self._connect_kwargs)
-        kwargs.update(host=instance.address.host, port=instance.address.port)
+        address = instance.address
+        host, port = (address.host, address.port) if self.address_map is None \
+            else self.address_map(address)
+        kwargs.update(host=host, port=port)
         kwargs.setdefault("target_session_attrs", "any")
         kwargs.setdefault("timeout", self._connect_timeout)
         return kwargs
@@ -495,6 +532,55 @@ class Membership:
             if member.pool is not None:
                 member.pool.set_connect_args(
                     asyncpg_dsn(dsn), **self._instance_connect_kwargs(member.instance))
+
+    # -- readiness ---------------------------------------------------------------------
+
+    async def confirm(self, member: Member) -> bool:
+        """Readiness: check a connection out of *member*'s sub-pool and confirm the
+        instance's role on it (``pg_is_in_recovery()`` against the topology's role).
+        Only then does it receive user traffic."""
+        instance = member.instance
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                pool = await member.ensure_ready()
+                async with pool.acquire() as connection:
+                    if self.symmetric or instance.role in (Role.PEER, Role.UNKNOWN):
+                        await connection.fetchval("SELECT 1")
+                        in_recovery = None
+                    else:
+                        in_recovery = bool(await connection.fetchval(
+                            "SELECT pg_is_in_recovery()"))
+        except Exception as exc:
+            member.record_failure(describe_error(exc))
+            logger.debug("instance %s not ready: %s", instance.label, describe_error(exc))
+            return False
+        if self.members.get(instance.id) is not member or member.instance.role is not \
+                instance.role:
+            return False  # left, or changed role meanwhile: confirm again
+        expected = instance.role
+        if in_recovery is not None and in_recovery != (expected is Role.REPLICA):
+            member.last_error = (f"role not confirmed: discovery says {expected.value}, "
+                                 f"pg_is_in_recovery() says {in_recovery}")
+            logger.info("instance %s: %s", instance.label, member.last_error)
+            self.request_refresh()
+            return False
+        member.confirmed = True
+        if member.failures:
+            self.note_success(member)
+        else:
+            self.health_changed()
+        logger.info("instance %s is ready as %s", instance.label, expected.value)
+        return True
+
+    async def _confirm_loop(self) -> None:
+        """Confirm unconfirmed members, each when its breaker allows another try."""
+        while not self.closing:
+            await asyncio.sleep(0.1)
+            now = time.monotonic()
+            pending = [m for m in self.members.values()
+                       if not m.confirmed and not m.unresponsive and m.open_until <= now]
+            if pending:
+                await asyncio.gather(*(self.confirm(m) for m in pending))
 
     # -- background tasks --------------------------------------------------------------
 
