@@ -8,12 +8,17 @@ instance, routes each request to an instance that can serve it and follows
 the topology as it changes.
 """
 
+from ._admission import AdmissionStats, RateLimit
+from ._cache_reads import CacheStats, ReadCache
 from ._dsn import mask_dsn
 from ._errors import (
     ConfigurationError,
     NoAvailableInstanceError,
+    NotReadyError,
     PicopoolError,
     PoolClosedError,
+    RateLimitedError,
+    TooManyWaitersError,
     TopologyError,
 )
 from ._pool import Pool, create_pool
@@ -23,16 +28,23 @@ from ._wal import CausalScope
 
 __all__ = [
     "Address",
+    "AdmissionStats",
+    "CacheStats",
     "CausalScope",
     "ConfigurationError",
     "Instance",
     "InstanceStats",
     "NoAvailableInstanceError",
+    "NotReadyError",
     "PicopoolError",
     "Pool",
     "PoolClosedError",
     "PoolStats",
+    "RateLimit",
+    "RateLimitedError",
+    "ReadCache",
     "Role",
+    "TooManyWaitersError",
     "Topology",
     "TopologyError",
     "create_pool",

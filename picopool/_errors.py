@@ -8,7 +8,11 @@ catches asyncpg's client-side errors keeps working unchanged::
         ├── ConfigurationError (also ValueError)   bad DSN or arguments
         ├── PoolClosedError                        the pool is closing or closed
         ├── TopologyError                          discovery failed or returned garbage
-        └── NoAvailableInstanceError               no instance could serve the request
+        ├── NoAvailableInstanceError               no instance could serve the request
+        ├── TooManyWaitersError                    max_waiting callers wait already
+        ├── RateLimitedError                       over the rate limit (block=False, or
+        │                                          a wait longer than the call's timeout)
+        └── NotReadyError (also TimeoutError)      wait_ready() timed out
 """
 
 from __future__ import annotations
@@ -47,6 +51,19 @@ class NoAvailableInstanceError(PicopoolError):
             tried = "; ".join(f"{instance}: {reason}" for instance, reason in self.attempts)
             message = f"{message} (tried {tried})"
         super().__init__(message)
+
+
+class TooManyWaitersError(PicopoolError):
+    """``max_waiting`` callers already wait for a connection: refused at once."""
+
+
+class RateLimitedError(PicopoolError):
+    """Over the pool's rate limit: ``RateLimit(block=False)``, or the wait for a
+    token would outlast the call's timeout."""
+
+
+class NotReadyError(PicopoolError, TimeoutError):
+    """``Pool.wait_ready()`` ran out of time; the message says what was missing."""
 
 
 def describe_error(exc: BaseException) -> str:

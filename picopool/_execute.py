@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any
 
+from ._admission import RateLimit, RateLimiter, WaitQueue
 from ._cache import StatementCache
 from ._catalog import FunctionCatalog
 from ._errors import NoAvailableInstanceError, PoolClosedError, describe_error
@@ -83,6 +84,10 @@ class Executor:
         check_idle_after: float | None,
         check_timeout: float,
         check_open: Callable[[], None],
+        max_waiting: int | None = None,
+        rate_limit: RateLimit | None = None,
+        statement_timeout: float | None = None,
+        max_lifetime: float | None = None,
     ) -> None:
         self._membership = membership
         self._events: Events = membership.events
@@ -114,6 +119,15 @@ class Executor:
         self.pool_lsn = 0
         self.retries = 0
         self.outcomes: dict[Outcome, int] = {}
+        # Admission control (picopool._admission); each is None when turned off.
+        self.admission: WaitQueue | None = None
+        if max_waiting is not None:
+            self.admission = WaitQueue(max_waiting, self._free_member)
+            self.admission.closing = lambda: self._membership.closing
+        self.rate_limiter = RateLimiter(rate_limit) if rate_limit is not None else None
+        self._statement_timeout = statement_timeout
+        self._max_lifetime = max_lifetime
+        self.lifetime_closed = 0  # connections closed on release for max_lifetime
 
     # -- deciding ------------------------------------------------------------------------
 
@@ -170,6 +184,7 @@ class Executor:
         for instance in topology.instances:
             member = members.get(instance.id)
             if member is None or member.open_until > now or member.unresponsive \
+                    or not member.confirmed \
                     or instance.id in excluded:
                 continue
             if only is not None:  # named by a hint or the router: the user's call
@@ -235,6 +250,8 @@ class Executor:
         *timeout* running out raises ``TimeoutError``, as asyncpg does.
         """
         if instance is None and only is None and not self._membership.closing:
+            if self.admission is not None:
+                return await self._acquire_admitted(self.admission, request, timeout)
             # The common case, kept lean: a healthy instance and a ready sub-pool.
             candidates = self.cached_candidates(request)
             if request is RoleRequest.SPILL:
@@ -271,6 +288,38 @@ class Executor:
                 return await self._acquire_carefully(request, timeout, None, None, set(),
                                                      member)
         return await self._acquire_carefully(request, timeout, instance, only, set())
+
+    def _free_member(self, request: RoleRequest) -> Member | None:
+        """A member that may serve *request* with a connection neither in use nor
+        reserved for a waiter (the strategy picks among them), or None."""
+        candidates = self.cached_candidates(request)
+        if request is RoleRequest.SPILL:
+            candidates = spill(candidates)
+        members = self._membership.members
+        free = [c for c in candidates if c.in_use + members[c.instance.id].reserved
+                < c.max_size]
+        if not free:
+            return None
+        return members.get(self._strategy.pick(free).instance.id)
+
+    async def _acquire_admitted(self, admission: WaitQueue, request: RoleRequest,
+                                timeout: float | None) -> tuple[Member, Any]:
+        """Acquire under ``max_waiting``: wait in the role's FIFO queue for a
+        reservation on a member with a free connection, then check out from it."""
+        if not self.cached_candidates(request):  # nothing can serve: wait for topology
+            return await self._acquire_carefully(request, timeout, None, None, set())
+        started = time.monotonic()
+        member = await admission.admit(request, timeout)
+        if member is None:  # woken without a grant: the pool is closing
+            self._check_open()
+            return await self._acquire_carefully(request, timeout, None, None, set())
+        if timeout is not None:
+            timeout = max(0.001, timeout - (time.monotonic() - started))
+        try:
+            return await self._acquire_carefully(request, timeout, None, None, set(), member)
+        finally:
+            member.reserved -= 1
+            admission.dispatch()
 
     async def _acquire_carefully(
         self, request: RoleRequest, timeout: float | None,
@@ -544,6 +593,10 @@ class Executor:
         decision = self.decisions.get(
             (query, role, default, route_scope.get(), symmetric)
         ) or await self.decide(query, role, default)
+        if self._statement_timeout is not None and kwargs.get("timeout") is None:
+            kwargs["timeout"] = self._statement_timeout
+        if self.rate_limiter is not None:
+            await self.rate_limiter.acquire(kwargs.get("timeout"))
         if method in _BATCH_METHODS:
             positional = (_replayable(positional[0]), *positional[1:])
         scope = causal_scope.get()
@@ -666,7 +719,12 @@ class Executor:
         member.inflight.pop(connection, None)
         raw = connection._con
         if raw is None:
+            if self.admission is not None:
+                self.admission.dispatch()
             return  # asyncpg has released it already (it was terminated)
+        if self._max_lifetime is not None and self._expired(raw):
+            await self._close_expired(member, connection, raw, timeout)
+            return
         if self._events.on:
             self._events.emit(ResetDone(
                 instance=member.instance.label,
@@ -680,6 +738,8 @@ class Executor:
             except (Exception, asyncio.CancelledError) as exc:
                 raw.terminate()
                 await _release_closed(member, connection)
+                if self.admission is not None:
+                    self.admission.dispatch()
                 if quiet and not isinstance(exc, asyncio.CancelledError):
                     logger.debug("reset failed: %s", describe_error(exc))
                     return
@@ -690,6 +750,32 @@ class Executor:
             if not quiet or isinstance(exc, asyncio.CancelledError):
                 raise
             logger.debug("release: %s", describe_error(exc))
+        finally:
+            if self.admission is not None:
+                self.admission.dispatch()
+
+    def _expired(self, raw: Any) -> bool:
+        """Whether *raw* has outlived ``max_lifetime`` (its jittered deadline)."""
+        deadline = self._membership.expires.get(raw)
+        return deadline is not None and time.monotonic() >= deadline
+
+    async def _close_expired(self, member: Member, connection: Any, raw: Any,
+                             timeout: float | None) -> None:
+        """Close a connection past ``max_lifetime`` instead of resetting it; its
+        sub-pool opens a fresh one when next needed. Never mid-use: on release."""
+        self.lifetime_closed += 1
+        try:
+            await raw.close(timeout=timeout if timeout is not None else self._check_timeout)
+        except (Exception, asyncio.CancelledError) as exc:
+            raw.terminate()
+            if isinstance(exc, asyncio.CancelledError):
+                await _release_closed(member, connection)
+                raise
+        try:
+            await _release_closed(member, connection)
+        finally:
+            if self.admission is not None:
+                self.admission.dispatch()
 
 
 async def _reset(raw: Any, reset: Reset, timeout: float | None) -> None:

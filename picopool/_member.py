@@ -28,6 +28,7 @@ class Member:
         "_init_task",
         "_make_pool",
         "acquiring",
+        "confirmed",
         "failures",
         "inflight",
         "instance",
@@ -37,6 +38,7 @@ class Member:
         "open_until",
         "pool",
         "probing",
+        "reserved",
         "rtt",
         "rtt_at",
         "running",
@@ -65,6 +67,11 @@ class Member:
         # one idle for longer than the health-check interval).
         self.last_used: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
         self.unresponsive = False  # the liveness watch got no answer: no traffic until one
+        # Connections promised to granted waiters (max_waiting=): counted as in use.
+        self.reserved = 0
+        # Readiness (readiness_check=True): False until a connection succeeded and the
+        # instance's role was confirmed; no user traffic until then.
+        self.confirmed = True
         # Moving average of pool-level statements' round trips (seconds) and when it
         # was last updated: what LeastLatency balances on (strategies.LatencySample).
         self.rtt = 0.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import (
     AsyncIterator,
     Callable,
@@ -19,10 +20,13 @@ from typing import Any
 
 import asyncpg
 
+from ._admission import AdmissionStats, RateLimit
+from ._cache_reads import ReadCache, cached_call
 from ._catalog import FunctionCatalog
 from ._dsn import asyncpg_dsn, mask_dsn, seed_addresses
 from ._errors import (
     ConfigurationError,
+    NotReadyError,
     PoolClosedError,
 )
 from ._events import Listener
@@ -37,7 +41,7 @@ from ._routing import (
     read_request,
 )
 from ._stats import InstanceStats, PoolStats
-from ._topology import Topology
+from ._topology import Role, Topology
 from ._wal import CausalScope, format_causal_token, parse_causal_token
 from .discovery import DiscoveryProvider
 from .strategies import BalanceStrategy, RoundRobin
@@ -74,6 +78,12 @@ class Pool:
         health_check_interval: float | None,
         pool_options: dict[str, Any],
         connect_kwargs: dict[str, Any],
+        max_waiting: int | None = None,
+        rate_limit: RateLimit | None = None,
+        max_lifetime: float | None = None,
+        readiness_check: bool = False,
+        statement_timeout: float | None = None,
+        cache: ReadCache | None = None,
     ) -> None:
         if topology_refresh_interval is not None and topology_refresh_interval <= 0:
             raise ConfigurationError("topology_refresh_interval must be positive or None")
@@ -95,7 +105,8 @@ class Pool:
             service_dsn=service_dsn, refresh_interval=topology_refresh_interval,
             connect_timeout=connect_timeout, health_check_interval=health_check_interval,
             drain_timeout=drain_timeout, check_elision=policy.elide_reset,
-            user_reset=user_reset,
+            user_reset=user_reset, max_lifetime=_positive("max_lifetime", max_lifetime),
+            readiness_check=readiness_check,
         )
         self._catalog = FunctionCatalog(self._membership.service, timeout=connect_timeout)
         self._executor = Executor(
@@ -109,6 +120,10 @@ class Pool:
             elision_allowed=pool_options.get("setup") is None and user_reset is None,
             check_idle_after=health_check_interval, check_timeout=connect_timeout,
             check_open=self._check_open,
+            max_waiting=_at_least_zero("max_waiting", max_waiting),
+            rate_limit=rate_limit,
+            statement_timeout=_positive("statement_timeout", statement_timeout),
+            max_lifetime=max_lifetime,
         )
         self._checked_out: dict[Any, Member] = {}
         self._initialized = False
@@ -116,6 +131,9 @@ class Pool:
         self._closing = False
         self._closed = False
         self._policy = policy
+        if cache is not None and not isinstance(cache, ReadCache):
+            raise ConfigurationError(f"cache must be a picopool.ReadCache, not {cache!r}")
+        self._cache = cache
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -155,6 +173,8 @@ class Pool:
         self._closing = True
         try:
             await self._catalog.aclose()
+            if self._executor.admission is not None:
+                self._executor.admission.wake_all()
             await self._membership.aclose()
         except (Exception, asyncio.CancelledError):
             self.terminate()
@@ -169,6 +189,8 @@ class Pool:
         self._closing = True
         self._closed = True
         self._membership.terminate()
+        if self._executor.admission is not None:
+            self._executor.admission.wake_all()
 
     def is_closing(self) -> bool:
         return self._closing
@@ -205,6 +227,8 @@ class Pool:
 
     async def _acquire(self, timeout: float | None, request: RoleRequest) -> Any:
         self._check_open()
+        if self._executor.rate_limiter is not None:
+            await self._executor.rate_limiter.acquire(timeout)
         member, connection = await self._executor.acquire(request, timeout)
         self._checked_out[connection] = member
         return connection
@@ -235,32 +259,60 @@ class Pool:
 
     async def execute(self, query: str, *args: Any, timeout: float | None = None,
                       role: str | None = None) -> str:
+        if self._cache is not None:
+            return await cached_call(  # type: ignore[no-any-return]
+                self._executor, self._cache, "execute", query, args, {"timeout": timeout},
+                role, None)
         result: str = await self._executor.run("execute", query, args, {"timeout": timeout}, role)
         return result
 
     async def executemany(self, command: str, args: Iterable[Sequence[Any]], *,
                           timeout: float | None = None, role: str | None = None) -> None:
+        if self._cache is not None:
+            await cached_call(self._executor, self._cache, "executemany", command, (args,),
+                              {"timeout": timeout}, role, None)
+            return
         await self._executor.run("executemany", command, (args,), {"timeout": timeout}, role)
 
     async def fetch(self, query: str, *args: Any, timeout: float | None = None,
-                    record_class: Any = None, role: str | None = None) -> list[Any]:
+                    record_class: Any = None, role: str | None = None,
+                    cache_ttl: float | None = None) -> list[Any]:
+        """asyncpg's ``fetch``; ``cache_ttl=`` seconds overrides the read cache's TTL
+        for this call (``0``: not cached)."""
+        if self._cache is not None:
+            return await cached_call(  # type: ignore[no-any-return]
+                self._executor, self._cache, "fetch", query, args,
+                {"timeout": timeout, "record_class": record_class}, role, cache_ttl)
         result: list[Any] = await self._executor.run(
             "fetch", query, args, {"timeout": timeout, "record_class": record_class}, role)
         return result
 
     async def fetchval(self, query: str, *args: Any, column: int = 0,
-                       timeout: float | None = None, role: str | None = None) -> Any:
+                       timeout: float | None = None, role: str | None = None,
+                       cache_ttl: float | None = None) -> Any:
+        if self._cache is not None:
+            return await cached_call(self._executor, self._cache, "fetchval", query, args,
+                                     {"column": column, "timeout": timeout}, role, cache_ttl)
         return await self._executor.run(
             "fetchval", query, args, {"column": column, "timeout": timeout}, role)
 
     async def fetchrow(self, query: str, *args: Any, timeout: float | None = None,
-                       record_class: Any = None, role: str | None = None) -> Any:
+                       record_class: Any = None, role: str | None = None,
+                       cache_ttl: float | None = None) -> Any:
+        if self._cache is not None:
+            return await cached_call(
+                self._executor, self._cache, "fetchrow", query, args,
+                {"timeout": timeout, "record_class": record_class}, role, cache_ttl)
         return await self._executor.run(
             "fetchrow", query, args, {"timeout": timeout, "record_class": record_class}, role)
 
     async def fetchmany(self, query: str, args: Iterable[Sequence[Any]], *,
                         timeout: float | None = None, record_class: Any = None,
                         role: str | None = None) -> list[Any]:
+        if self._cache is not None:
+            return await cached_call(  # type: ignore[no-any-return]
+                self._executor, self._cache, "fetchmany", query, (args,),
+                {"timeout": timeout, "record_class": record_class}, role, None)
         result: list[Any] = await self._executor.run(
             "fetchmany", query, (args,), {"timeout": timeout, "record_class": record_class},
             role)
@@ -395,6 +447,49 @@ class Pool:
             if outer is not None:
                 outer.lsn = max(outer.lsn, scope.lsn)
 
+    async def wait_ready(self, *, primary: bool = True, replicas: int = 0,
+                         timeout: float | None = None) -> None:
+        """Wait until the pool can serve: a ready primary (if *primary*) and at least
+        *replicas* ready replicas (peers count as both in a symmetric cluster).
+
+        Ready: its sub-pool started, its breaker closed, answering the liveness
+        watch, and with ``readiness_check=True`` its role confirmed on a
+        connection. Starts the sub-pools of instances not started yet.
+        :class:`NotReadyError` (a ``TimeoutError``) after *timeout* seconds.
+        """
+        self._check_open()
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        membership = self._membership
+        while True:
+            have_primary, have_replicas = False, 0
+            for member in list(membership.members.values()):
+                role = member.instance.role
+                if member.ready and member.failures == 0 and not member.unresponsive \
+                        and member.confirmed:
+                    if role.writable:
+                        have_primary = True
+                    if role is not Role.PRIMARY:
+                        have_replicas += 1
+                elif not member.ready and member.open_until <= time.monotonic() \
+                        and (member._init_task is None or member._init_task.done()):
+                    membership.spawn(_quiet_start(member))
+            if (have_primary or not primary) and have_replicas >= replicas:
+                return
+            if deadline is not None and loop.time() >= deadline:
+                raise NotReadyError(
+                    f"not ready after {timeout:g} s: "
+                    f"{'a primary' if primary and not have_primary else 'the primary ready'}, "
+                    f"{have_replicas} of {replicas} replicas ready")
+            self._check_open()
+            await asyncio.sleep(0.05)
+
+    def invalidate_cache(self, tables: Iterable[str] | None = None) -> int:
+        """Drop read-cache entries that read any of *tables* (None: all); how many."""
+        if self._cache is None:
+            return 0
+        return self._cache.invalidate(tables)
+
     def add_event_listener(self, listener: Listener) -> None:
         """Call ``listener(event)`` for every :mod:`picopool.events` event from now on.
 
@@ -466,6 +561,22 @@ class Pool:
             elision_safe=membership.elision_safe,
             instances=tuple(instances),
             draining=len(membership.tasks),
+            admission=self._admission_stats(),
+            cache=self._cache.stats() if self._cache is not None else None,
+        )
+
+    def _admission_stats(self) -> AdmissionStats:
+        executor = self._executor
+        queue, limiter = executor.admission, executor.rate_limiter
+        return AdmissionStats(
+            waiting=queue.waiting if queue else 0,
+            max_waiting=queue.max_waiting if queue else None,
+            granted=queue.granted if queue else 0,
+            rejected=queue.rejected if queue else 0,
+            wait_seconds=queue.waited_total if queue else 0.0,
+            rate_limited=limiter.limited if limiter else 0,
+            rate_waited=limiter.waited if limiter else 0,
+            lifetime_closed=executor.lifetime_closed,
         )
 
     def __repr__(self) -> str:
@@ -534,6 +645,12 @@ def create_pool(
     max_retries: int = 3,
     health_check_interval: float | None = 30.0,
     elide_reset: bool = True,
+    max_waiting: int | None = None,
+    rate_limit: RateLimit | None = None,
+    max_lifetime: float | None = None,
+    readiness_check: bool = False,
+    statement_timeout: float | None = None,
+    cache: ReadCache | None = None,
     init_size: int | None = None,
     min_size: int = 10,
     max_size: int = 10,
@@ -567,6 +684,15 @@ def create_pool(
     ``health_check_interval``: every instance is pinged this often in the background
     (on a connection of its own), and a connection idle for longer is pinged before
     it is handed out (``None``: neither).
+
+    Admission control (all off by default): ``max_waiting`` bounds the callers
+    waiting for a connection (``TooManyWaitersError`` beyond it) and serves them
+    first-come first-served across instances; ``rate_limit=RateLimit(...)`` is a
+    token bucket over calls; ``max_lifetime`` closes connections older than that
+    (minus up to 5% jitter) on release; ``readiness_check`` keeps new and
+    recovering instances out of traffic until a connection succeeded and their
+    role was confirmed; ``statement_timeout`` is the ``timeout=`` of pool-level
+    calls that pass none; ``cache=ReadCache(...)`` caches eligible reads.
     """
     if dsn is not None and not isinstance(dsn, str):
         raise ConfigurationError("dsn must be a string")
@@ -601,6 +727,26 @@ def create_pool(
         max_replica_lag_seconds=max_replica_lag_seconds,
         read_your_writes=read_your_writes, causal_wait=causal_wait, max_retries=max_retries,
         health_check_interval=health_check_interval, pool_options=pool_options,
-        connect_kwargs=connect_kwargs,
+        connect_kwargs=connect_kwargs, max_waiting=max_waiting, rate_limit=rate_limit,
+        max_lifetime=max_lifetime, readiness_check=readiness_check,
+        statement_timeout=statement_timeout, cache=cache,
     )
 
+def _positive(name: str, value: float | None) -> float | None:
+    if value is not None and not value > 0:
+        raise ConfigurationError(f"{name} must be positive or None")
+    return value
+
+
+def _at_least_zero(name: str, value: int | None) -> int | None:
+    if value is not None and value < 0:
+        raise ConfigurationError(f"{name} must be >= 0 or None")
+    return value
+
+
+async def _quiet_start(member: Member) -> None:
+    """Start *member*'s sub-pool (wait_ready); a failure is the breaker's business."""
+    try:
+        await member.ensure_ready()
+    except Exception as exc:
+        logger.debug("starting %s: %s", member.instance.label, exc)

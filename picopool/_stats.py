@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._admission import AdmissionStats
+    from ._cache_reads import CacheStats
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,3 +37,7 @@ class PoolStats:
     elision_safe: bool  # the catalog check allows skipping the reset
     instances: tuple[InstanceStats, ...]
     draining: int
+    # Admission control (max_waiting=, rate_limit=, max_lifetime=) and the read cache
+    # (None when cache= is not set).
+    admission: AdmissionStats | None = None
+    cache: CacheStats | None = None
