@@ -25,8 +25,10 @@ are not seen: only the TTL bounds them (``pool.invalidate_cache()`` drops entrie
 by hand).
 
 Results handed out are never shared mutable objects: ``fetch`` returns a new list
-of (immutable) records each time, and a result holding a mutable value (an
+of (immutable) records each time, and a ``fetchval`` value that is mutable (an
 array decoded as a list, a JSON codec's dict) is deep-copied on every hit.
+Records holding a mutable value cannot be copied (asyncpg's records cannot be
+built from Python), so such ``fetch``/``fetchrow`` results are not cached.
 """
 
 from __future__ import annotations
@@ -150,7 +152,10 @@ class ReadCache:
         if size > self.max_bytes:
             return
         if not frozen:
-            value = copy.deepcopy(value)
+            try:
+                value = copy.deepcopy(value)
+            except TypeError:  # a record holding a mutable value: asyncpg cannot copy it
+                return
         old = self._entries.get(key)
         if old is not None:
             self._remove(key, old)
