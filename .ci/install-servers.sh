@@ -2,7 +2,8 @@
 # Install the servers the test suite starts: PostgreSQL, etcd + Patroni, pg_auto_failover.
 #
 #   * Debian packages: etcd-server (/usr/bin/etcd) and postgresql-15-auto-failover
-#     (/usr/bin/pg_autoctl plus the monitor extension for PostgreSQL 15).
+#     (/usr/bin/pg_autoctl plus the monitor extension for PostgreSQL 15), and
+#     prometheus (/usr/bin/prometheus; its service is not started, as for etcd).
 #   * A Patroni venv at $PATRONI_VENV, built from the system /usr/bin/python3 so the
 #     `postgres` user can run it (pyenv's Python under /root is unreadable to it).
 #
@@ -11,7 +12,9 @@ set -euo pipefail
 
 PATRONI_VENV="${PICOPOOL_PATRONI_VENV:-/opt/picopool-ha/patroni-venv}"
 PG_MAJOR="${PICOPOOL_PG_MAJOR:-15}"
-DEB_PACKAGES=("postgresql-${PG_MAJOR}" etcd-server "postgresql-${PG_MAJOR}-auto-failover" python3-venv)
+# prometheus: the real server the observability tests scrape the pool with
+DEB_PACKAGES=("postgresql-${PG_MAJOR}" etcd-server "postgresql-${PG_MAJOR}-auto-failover" python3-venv
+              prometheus)
 PATRONI_REQUIREMENTS=("patroni[etcd3,psycopg3]" "psycopg[binary]")
 
 log() { printf 'install-servers: %s\n' "$*" >&2; }
@@ -61,7 +64,8 @@ elif command -v update-rc.d >/dev/null && [[ -e /etc/init.d/etcd ]]; then
     update-rc.d etcd disable >/dev/null 2>&1 || true
 fi
 
-for binary in /usr/bin/etcd /usr/bin/pg_autoctl "/usr/lib/postgresql/${PG_MAJOR}/lib/pgautofailover.so"; do
+for binary in /usr/bin/etcd /usr/bin/pg_autoctl "/usr/lib/postgresql/${PG_MAJOR}/lib/pgautofailover.so" \
+        /usr/bin/prometheus; do
     if [[ ! -e "$binary" ]]; then
         log "expected $binary after the install, but it is missing"
         exit 1

@@ -15,7 +15,7 @@ from collections.abc import (
     Sequence,
 )
 from contextlib import asynccontextmanager, contextmanager
-from types import TracebackType
+from types import MappingProxyType, TracebackType
 from typing import Any
 
 import asyncpg
@@ -33,6 +33,7 @@ from ._events import Listener
 from ._execute import Executor, Reset, causal_scope, route_scope
 from ._member import Member
 from ._membership import Membership
+from ._metrics import Metrics
 from ._routing import (
     ReadWriteSplit,
     RoleRequest,
@@ -40,7 +41,8 @@ from ._routing import (
     parse_role,
     read_request,
 )
-from ._stats import InstanceStats, PoolStats
+from ._slowlog import SlowQueryLog
+from ._stats import InstanceStats, Latency, PoolStats, RoleStats
 from ._topology import Role, Topology
 from ._wal import CausalScope, format_causal_token, parse_causal_token
 from .discovery import DiscoveryProvider
@@ -78,6 +80,8 @@ class Pool:
         health_check_interval: float | None,
         pool_options: dict[str, Any],
         connect_kwargs: dict[str, Any],
+        slow_query_threshold: float | None = None,
+        log_parameters: bool = False,
         max_waiting: int | None = None,
         rate_limit: RateLimit | None = None,
         max_lifetime: float | None = None,
@@ -126,6 +130,14 @@ class Pool:
             max_lifetime=max_lifetime,
         )
         self._checked_out: dict[Any, Member] = {}
+        # stats(), Prometheus and OpenTelemetry read what this listener adds up.
+        self._metrics = Metrics(self._waiting)
+        self._membership.events.add(self._metrics)
+        if slow_query_threshold is not None:
+            if slow_query_threshold < 0:
+                raise ConfigurationError("slow_query_threshold must be >= 0 or None")
+            self._membership.events.add(
+                SlowQueryLog(slow_query_threshold, log_parameters=log_parameters))
         self._initialized = False
         self._initializing = False
         self._closing = False
@@ -538,17 +550,47 @@ class Pool:
 
     # -- observability ------------------------------------------------------------------
 
+    def _waiting(self) -> int:
+        return sum(len(m.acquiring) for m in list(self._membership.members.values()))
+
     def stats(self) -> PoolStats:
         membership = self._membership
         topology = membership.topology
+        metrics = self._metrics
+        now = time.monotonic()
         instances = []
+        roles: dict[str, list[float]] = {}  # role -> [statements, errors, acquires, wait]
+        for m in list(metrics.instances.values()):
+            for (role, outcome), count in list(m.statements.items()):
+                totals = roles.setdefault(role, [0, 0, 0, 0.0])
+                totals[0] += count
+                if outcome != "ok":
+                    totals[1] += count
+            for role, histogram in list(m.acquire_wait.items()):
+                totals = roles.setdefault(role, [0, 0, 0, 0.0])
+                totals[2] += histogram.count
+                totals[3] += histogram.sum
         for member in membership.members.values():
             i = member.instance
+            m = metrics.instance(i.label)
+            outcomes: dict[str, int] = {}
+            for (_, outcome), count in list(m.statements.items()):
+                outcomes[outcome] = outcomes.get(outcome, 0) + count
+            lag_bytes, lag_seconds = membership.lag.get(i.id, (None, None))
             instances.append(InstanceStats(
                 id=i.id, name=i.name, address=str(i.address), role=i.role.value,
                 size=member.size(), idle=member.idle(), in_use=member.in_use(),
                 served=member.served, failures=member.failures,
-                breaker=member.breaker_state, last_error=member.last_error,
+                breaker="unresponsive" if member.unresponsive else member.breaker_state,
+                last_error=member.last_error,
+                latency=Latency(*m.latency(now)), statements=MappingProxyType(outcomes),
+                waiters=len(member.acquiring),
+                acquires=sum(h.count for h in list(m.acquire_wait.values())),
+                acquire_wait=sum(h.sum for h in list(m.acquire_wait.values())),
+                acquire_wait_max=m.acquire_wait_max,
+                connections_opened=m.connections_opened, connections_lost=m.connections_lost,
+                resets_elided=m.resets_elided, resets_performed=m.resets_performed,
+                lag_bytes=lag_bytes, lag_seconds=lag_seconds, label=i.label,
             ))
         return PoolStats(
             topology_version=topology.version if topology else 0,
@@ -561,6 +603,11 @@ class Pool:
             elision_safe=membership.elision_safe,
             instances=tuple(instances),
             draining=len(membership.tasks),
+            retries_by_outcome=MappingProxyType(dict(metrics.retries)),
+            waiters=self._waiting(),
+            waiters_max=metrics.waiters_max,
+            roles=tuple(RoleStats(role, int(t[0]), int(t[1]), int(t[2]), t[3])
+                        for role, t in sorted(roles.items())),
             admission=self._admission_stats(),
             cache=self._cache.stats() if self._cache is not None else None,
         )
@@ -645,6 +692,8 @@ def create_pool(
     max_retries: int = 3,
     health_check_interval: float | None = 30.0,
     elide_reset: bool = True,
+    slow_query_threshold: float | None = None,
+    log_parameters: bool = False,
     max_waiting: int | None = None,
     rate_limit: RateLimit | None = None,
     max_lifetime: float | None = None,
@@ -684,6 +733,10 @@ def create_pool(
     ``health_check_interval``: every instance is pinged this often in the background
     (on a connection of its own), and a connection idle for longer is pinged before
     it is handed out (``None``: neither).
+
+    Observability: statements that take ``slow_query_threshold`` seconds or more
+    are logged to the ``picopool.slow`` logger, with their parameters only if
+    ``log_parameters``.
 
     Admission control (all off by default): ``max_waiting`` bounds the callers
     waiting for a connection (``TooManyWaitersError`` beyond it) and serves them
@@ -727,7 +780,8 @@ def create_pool(
         max_replica_lag_seconds=max_replica_lag_seconds,
         read_your_writes=read_your_writes, causal_wait=causal_wait, max_retries=max_retries,
         health_check_interval=health_check_interval, pool_options=pool_options,
-        connect_kwargs=connect_kwargs, max_waiting=max_waiting, rate_limit=rate_limit,
+        connect_kwargs=connect_kwargs, slow_query_threshold=slow_query_threshold,
+        log_parameters=log_parameters, max_waiting=max_waiting, rate_limit=rate_limit,
         max_lifetime=max_lifetime, readiness_check=readiness_check,
         statement_timeout=statement_timeout, cache=cache,
     )
