@@ -50,6 +50,7 @@ import asyncpg
 from ._builtins import NON_VOLATILE_BUILTINS, VOLATILE_BUILTINS
 from ._cache import StatementCache
 from ._errors import ConfigurationError
+from ._execute import causal_scope, route_scope
 from ._sql import _is_name, _lex, _Unparseable, classify, known_read_only
 
 __all__ = ["CacheStats", "ReadCache", "read_tables", "write_targets"]
@@ -341,14 +342,11 @@ def _qualified(tokens: list[str], index: int) -> tuple[str, int] | None:
 
 
 def cache_key(query: str, method: str, args: tuple[Any, ...], extra: Any,
-              request: Any) -> Hashable | None:
-    """The entry's key, or None when an argument cannot be hashed (a list)."""
-    key = (query, method, tuple((type(a), a) for a in args), extra, request)
-    try:
-        hash(key)
-    except TypeError:
-        return None
-    return key
+              request: Any) -> Hashable:
+    """The entry's key (unhashable when an argument is, such as a list)."""
+    if not args:
+        return (query, method, (), extra, request)
+    return (query, method, tuple([(type(a), a) for a in args]), extra, request)
 
 
 def _measure(value: Any) -> tuple[int, bool]:
@@ -382,8 +380,6 @@ async def cached_call(executor: Any, cache: ReadCache, method: str, query: str,
                       cache_ttl: float | None) -> Any:
     """A pool-level call with the read cache on: served from it where allowed,
     stored after a miss, and invalidating what a write may have changed."""
-    from ._execute import causal_scope, route_scope
-
     decision = executor.decisions.get(
         (query, role, None, route_scope.get(), executor._membership.symmetric)
     ) or await executor.decide(query, role, None)
@@ -400,8 +396,10 @@ async def cached_call(executor: Any, cache: ReadCache, method: str, query: str,
             return await executor.run(method, query, args, kwargs, role)
         finally:
             cache.after_statement(decision.query, executor.provably_read_only(decision))
-    now = time.monotonic()
-    found = cache.get(key, now)
+    try:
+        found = cache.get(key, time.monotonic())
+    except TypeError:  # an unhashable argument: not cacheable
+        return await executor.run(method, query, args, kwargs, role)
     if found is not _MISS:
         return found
     epoch = cache.epoch

@@ -315,11 +315,35 @@ class Executor:
             return await self._acquire_carefully(request, timeout, None, None, set())
         if timeout is not None:
             timeout = max(0.001, timeout - (time.monotonic() - started))
+        checked: Any = None
         try:
-            return await self._acquire_carefully(request, timeout, None, None, set(), member)
+            if member.failures == 0 and member.ready:  # lean, as the fast path
+                task = asyncio.current_task()
+                started = member.acquiring[task] = time.monotonic()
+                try:
+                    connection = await member.pool.acquire(timeout=timeout)
+                except (Exception, asyncio.CancelledError) as exc:
+                    member.acquiring.pop(task, None)
+                    if self._events.on:
+                        self._acquired(member, request, started, False)
+                    outcome = self._acquire_failed(member, exc, timeout,
+                                                   time.monotonic() - started, None, {})
+                    if outcome is None:
+                        raise
+                    return await self._acquire_carefully(
+                        request, timeout, None, None, {member.instance.id})
+                member.acquiring.pop(task, None)
+                if self._events.on:
+                    self._acquired(member, request, started, True)
+                checked = await self._checked(member, connection)
+                if checked is not None:
+                    return member, checked
+            checked = await self._acquire_carefully(request, timeout, None, None, set(), member)
+            return checked  # type: ignore[no-any-return]
         finally:
             member.reserved -= 1
-            admission.dispatch()
+            if checked is None:  # the reservation is free again: someone else's turn
+                admission.dispatch()
 
     async def _acquire_carefully(
         self, request: RoleRequest, timeout: float | None,
