@@ -20,6 +20,7 @@ from typing import Any
 
 import asyncpg
 
+from ._address_map import AddressMap, address_mapper
 from ._admission import AdmissionStats, RateLimit
 from ._cache_reads import ReadCache, cached_call
 from ._catalog import FunctionCatalog
@@ -692,6 +693,7 @@ def create_pool(
     max_retries: int = 3,
     health_check_interval: float | None = 30.0,
     elide_reset: bool = True,
+    address_map: AddressMap | None = None,
     slow_query_threshold: float | None = None,
     log_parameters: bool = False,
     max_waiting: int | None = None,
@@ -770,7 +772,7 @@ def create_pool(
         write_functions=frozenset(f.lower().rsplit(".", 1)[-1] for f in write_functions),
         router=router, rewrite=rewrite, elide_reset=elide_reset,
     )
-    return Pool(
+    pool = Pool(
         dsn, strategy=strategy, discovery=discovery,
         topology_refresh_interval=topology_refresh_interval, service_dsn=service_dsn,
         failover_timeout=failover_timeout, drain_timeout=drain_timeout,
@@ -785,6 +787,8 @@ def create_pool(
         max_lifetime=max_lifetime, readiness_check=readiness_check,
         statement_timeout=statement_timeout, cache=cache,
     )
+    pool._membership.address_map = address_mapper(address_map)  # sub-pools connect there
+    return pool
 
 def _positive(name: str, value: float | None) -> float | None:
     if value is not None and not value > 0:
