@@ -3,8 +3,17 @@ pure sliding window and percentiles (hypothesis)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import logging
 import math
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Awaitable, Callable
 
 import asyncpg
@@ -121,8 +130,6 @@ async def test_stats_report_latency_waits_connections_resets_and_roles(
 @pytest.mark.integration
 async def test_waiters_are_counted_while_connections_are_busy(
         cluster: LocalCluster, make_pool: PoolFactory) -> None:
-    import asyncio
-
     pool = await make_pool(cluster.dsn, min_size=1, max_size=1)
     held = await pool.acquire()  # the primary's only connection
     waiters = [asyncio.ensure_future(pool.execute("select 1", role="primary"))
@@ -183,3 +190,101 @@ async def test_slow_query_log_never_shows_a_password_literal(
     text = "\n".join(r.getMessage() for r in caplog.records if r.name == "picopool.slow")
     assert "create role slowlog_role password '***'" in text
     assert "hunter2" not in text and cluster.password not in text
+
+
+# -- python -m picopool topology --------------------------------------------------------
+
+
+def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "picopool", "topology", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.integration
+async def test_cli_table_and_json(cluster: LocalCluster) -> None:
+    table = await asyncio.to_thread(_cli, cluster.dsn)
+    assert table.returncode == 0, table.stdout + table.stderr
+    lines = table.stdout.splitlines()
+    assert "postgres:***@" in lines[0] or "***" in lines[0]
+    assert lines[1].split() == ["INSTANCE", "ROLE", "STATE", "LAG", "BREAKER", "CONNECTIONS"]
+    rows = {line.split()[0]: line.split() for line in lines[2:5]}
+    assert {label.rsplit(":", 1)[1] for label in rows} == {str(n.port) for n in cluster.nodes}
+    primary = next(r for label, r in rows.items() if label.endswith(f":{cluster.primary.port}"))
+    assert primary[1:4] == ["primary", "up", "-"] and primary[4] == "closed"
+    assert int(primary[5]) >= 1
+    replica = next(r for label, r in rows.items()
+                   if label.endswith(f":{cluster.replicas[0].port}"))
+    assert replica[1:3] == ["replica", "up"] and replica[5] == "/"  # lag: "0 B / 0.0s"
+    assert replica[-2] == "closed" and int(replica[-1]) >= 1
+    assert cluster.password not in table.stdout + table.stderr
+
+    document = await asyncio.to_thread(_cli, cluster.dsn, "--json")
+    assert document.returncode == 0
+    parsed = json.loads(document.stdout)
+    assert parsed["healthy"] is True and parsed["provider"] == "streaming"
+    assert cluster.password not in document.stdout and "***" in parsed["dsn"]
+    by_port = {int(r["instance"].rsplit(":", 1)[1]): r for r in parsed["rows"]}
+    assert by_port[cluster.primary.port]["role"] == "primary"
+    for node in cluster.replicas:
+        row = by_port[node.port]
+        assert row["role"] == "replica" and row["state"] == "up"
+        assert isinstance(row["lag_bytes"], int) and row["connections"] >= 1
+
+
+@pytest.mark.integration
+async def test_cli_exits_non_zero_without_a_reachable_primary(cluster: LocalCluster) -> None:
+    only_replica = await asyncio.to_thread(_cli, cluster.replicas[0].dsn, "--json")
+    assert only_replica.returncode == 1
+    assert json.loads(only_replica.stdout)["healthy"] is False
+    table = await asyncio.to_thread(_cli, cluster.replicas[0].dsn)
+    assert table.returncode == 1 and "no primary is reachable" in table.stdout
+    nothing = await asyncio.to_thread(
+        _cli, f"postgres://postgres:{cluster.password}@127.0.0.1:1/postgres", "--timeout", "1")
+    assert nothing.returncode == 2 and "cannot start" in nothing.stdout
+    assert cluster.password not in nothing.stdout + nothing.stderr
+
+
+def _watch_in_a_terminal(dsn: str) -> tuple[bytes, int]:
+    """Run ``--watch 0.3`` on a pseudo-terminal for a while, then Ctrl-C it."""
+    master, slave = os.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "picopool", "topology", dsn, "--watch", "0.3"],
+        stdin=slave, stdout=slave, stderr=slave, close_fds=True)
+    os.close(slave)
+    output = b""
+    deadline = time.monotonic() + 30
+    try:
+        while time.monotonic() < deadline and output.count(b"\x1b[H\x1b[J") < 3:
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if ready:
+                try:
+                    output += os.read(master, 65536)
+                except OSError:  # the terminal closed: the process ended
+                    break
+        process.send_signal(signal.SIGINT)
+        code = process.wait(15)
+        with contextlib.suppress(OSError):
+            while select.select([master], [], [], 0.2)[0]:
+                chunk = os.read(master, 65536)
+                if not chunk:
+                    break
+                output += chunk
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        os.close(master)
+    return output, code
+
+
+@pytest.mark.integration
+async def test_cli_watch_redraws_in_place_in_a_terminal(cluster: LocalCluster) -> None:
+    output, code = await asyncio.to_thread(_watch_in_a_terminal, cluster.dsn)
+    frames = output.split(b"\x1b[H\x1b[J")[1:]
+    assert len(frames) >= 3, output
+    for frame in frames[:3]:
+        text = frame.decode()
+        assert "INSTANCE" in text and text.count(" primary ") == 1
+        assert "Ctrl-C" in text
+    assert cluster.password.encode() not in output
+    assert code == 130
