@@ -12,9 +12,10 @@ set -euo pipefail
 
 PATRONI_VENV="${PICOPOOL_PATRONI_VENV:-/opt/picopool-ha/patroni-venv}"
 PG_MAJOR="${PICOPOOL_PG_MAJOR:-15}"
-# prometheus: the real server the observability tests scrape the pool with
+# prometheus: the real server the observability tests scrape the pool with;
+# pgbouncer: tests/test_pgbouncer.py and the benches; pgpool2: bench/compare.py
 DEB_PACKAGES=("postgresql-${PG_MAJOR}" etcd-server "postgresql-${PG_MAJOR}-auto-failover" python3-venv
-              prometheus)
+              prometheus pgbouncer pgpool2)
 PATRONI_REQUIREMENTS=("patroni[etcd3,psycopg3]" "psycopg[binary]")
 
 log() { printf 'install-servers: %s\n' "$*" >&2; }
@@ -64,7 +65,7 @@ elif command -v update-rc.d >/dev/null && [[ -e /etc/init.d/etcd ]]; then
     update-rc.d etcd disable >/dev/null 2>&1 || true
 fi
 
-for binary in /usr/bin/etcd /usr/bin/pg_autoctl "/usr/lib/postgresql/${PG_MAJOR}/lib/pgautofailover.so" \
+for binary in /usr/sbin/pgbouncer /usr/sbin/pgpool /usr/bin/etcd /usr/bin/pg_autoctl "/usr/lib/postgresql/${PG_MAJOR}/lib/pgautofailover.so" \
         /usr/bin/prometheus; do
     if [[ ! -e "$binary" ]]; then
         log "expected $binary after the install, but it is missing"
