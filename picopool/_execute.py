@@ -126,6 +126,7 @@ class Executor:
             self.admission.closing = lambda: self._membership.closing
         self.rate_limiter = RateLimiter(rate_limit) if rate_limit is not None else None
         self._statement_timeout = statement_timeout
+        self._run_hooks = statement_timeout is not None or rate_limit is not None
         self._max_lifetime = max_lifetime
         self.lifetime_closed = 0  # connections closed on release for max_lifetime
 
@@ -617,10 +618,11 @@ class Executor:
         decision = self.decisions.get(
             (query, role, default, route_scope.get(), symmetric)
         ) or await self.decide(query, role, default)
-        if self._statement_timeout is not None and kwargs.get("timeout") is None:
-            kwargs["timeout"] = self._statement_timeout
-        if self.rate_limiter is not None:
-            await self.rate_limiter.acquire(kwargs.get("timeout"))
+        if self._run_hooks:  # statement_timeout= or rate_limit=: one test when off
+            if self._statement_timeout is not None and kwargs.get("timeout") is None:
+                kwargs["timeout"] = self._statement_timeout
+            if self.rate_limiter is not None:
+                await self.rate_limiter.acquire(kwargs.get("timeout"))
         if method in _BATCH_METHODS:
             positional = (_replayable(positional[0]), *positional[1:])
         scope = causal_scope.get()
