@@ -17,6 +17,9 @@ from dataclasses import dataclass
 
 Call = Callable[[], Awaitable[object]]
 
+#: Seconds each contender runs before the measured rounds (smoke runs shorten it).
+WARM_UP = 0.2
+
 
 @dataclass(frozen=True, slots=True)
 class Slice:
@@ -57,10 +60,10 @@ async def run_slice(call: Call, concurrency: int, seconds: float) -> Slice:
 
 
 async def interleave(contenders: Mapping[str, Call], *, concurrency: int, seconds: float,
-                     rounds: int, warm_up: float = 0.2) -> dict[str, list[Slice]]:
+                     rounds: int, warm_up: float | None = None) -> dict[str, list[Slice]]:
     """*rounds* rounds of one slice per contender, rotating who goes first."""
     for call in contenders.values():
-        await run_slice(call, concurrency, warm_up)
+        await run_slice(call, concurrency, WARM_UP if warm_up is None else warm_up)
     names = list(contenders)
     results: dict[str, list[Slice]] = {name: [] for name in names}
     for number in range(rounds):

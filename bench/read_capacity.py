@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
+import benchlib
 from benchlib import Spread, ratios, spread
 
 import picopool
@@ -140,7 +141,7 @@ async def measure(cluster: LocalCluster, *, seconds: float, rounds: int,
     await asyncio.to_thread(cluster.wait_replayed)
     async with contenders(cluster, with_hasql) as ops:
         for read, write in ops.values():  # warm up
-            await run_slice(read, write, 0.3)
+            await run_slice(read, write, benchlib.WARM_UP)
         names = list(ops)
         results: dict[str, list[Round]] = {name: [] for name in names}
         for number in range(rounds):
