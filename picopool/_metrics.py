@@ -138,7 +138,8 @@ class Metrics:
     """The default listener: per-instance counters, histograms and latency windows.
 
     *waiting* returns the number of tasks checking a connection out now (all
-    instances); the high-water mark is sampled whenever a checkout ends.
+    instances); the high-water mark is sampled whenever a checkout that waited
+    (1 ms or more) ends.
     """
 
     __slots__ = ("__weakref__", "_dispatch", "_failed", "_waiting", "breakers",
@@ -218,10 +219,10 @@ class Metrics:
             metrics.acquire_wait_max = waited
         if not event.ok:
             metrics.acquire_failures += 1
-        # The checkout that just ended was waiting too.
-        waiting = self._waiting() + 1
-        if waiting > self.waiters_max:
-            self.waiters_max = waiting
+        if waited >= 0.001:  # it queued: sample how many queue now (it was one of them)
+            waiting = self._waiting() + 1
+            if waiting > self.waiters_max:
+                self.waiters_max = waiting
 
     def _reset(self, event: ResetDone) -> None:
         metrics = self.instances.get(event.instance) or self.instance(event.instance)

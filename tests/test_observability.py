@@ -120,7 +120,7 @@ async def test_stats_report_latency_waits_connections_resets_and_roles(
     assert primary.resets_performed >= 1  # the acquire()d connection
     assert primary.acquires == 2 and primary.acquire_wait >= 0
     assert primary.acquire_wait_max >= 0
-    assert stats.waiters == 0 and stats.waiters_max >= 1
+    assert stats.waiters == 0
     roles = {r.role: r for r in stats.roles}
     assert roles["replica"].statements == 21 and roles["replica"].errors == 1
     assert roles["primary"].statements == 1 and roles["primary"].acquires == 2
