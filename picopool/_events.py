@@ -1,7 +1,7 @@
 """The instrumentation seam: typed events from the execution path and the membership.
 
 Prometheus, OpenTelemetry, the slow-query log and ``stats()`` listen here; so can
-you, with :meth:`picopool.Pool.add_listener`. A listener is a plain synchronous
+you, with :meth:`picopool.Pool.add_event_listener`. A listener is a plain synchronous
 callable that takes one event; it runs inline, so it must be quick and must not
 raise (an exception is logged and dropped). With no listener, the execution path
 builds no event and reads no clock for one: it tests one attribute per statement.
@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import Any, NamedTuple, TypeAlias
 
 logger = logging.getLogger("picopool")
 
 
-@dataclass(frozen=True, slots=True)
-class StatementFinished:
+class StatementFinished(NamedTuple):
     """A pool-level statement ended (each attempt is one event).
 
     ``outcome`` is ``"ok"`` or an :class:`~picopool._outcome.Outcome` value
@@ -41,8 +39,7 @@ class StatementFinished:
     attempt: int
 
 
-@dataclass(frozen=True, slots=True)
-class AcquireFinished:
+class AcquireFinished(NamedTuple):
     """A checkout from an instance's sub-pool ended: ``waited`` seconds, ``ok`` or not."""
 
     instance: str
@@ -52,39 +49,33 @@ class AcquireFinished:
     ok: bool
 
 
-@dataclass(frozen=True, slots=True)
-class ConnectionOpened:
+class ConnectionOpened(NamedTuple):
     instance: str
 
 
-@dataclass(frozen=True, slots=True)
-class ConnectionClosed:
+class ConnectionClosed(NamedTuple):
     """A connection of a sub-pool ended; ``lost``: not by picopool's or asyncpg's choice."""
 
     instance: str
     lost: bool
 
 
-@dataclass(frozen=True, slots=True)
-class BreakerChanged:
+class BreakerChanged(NamedTuple):
     instance: str
     state: str  # closed, open, unresponsive
     error: str | None
 
 
-@dataclass(frozen=True, slots=True)
-class TopologyChanged:
+class TopologyChanged(NamedTuple):
     version: int
     instances: tuple[tuple[str, str], ...]  # (label, role)
 
 
-@dataclass(frozen=True, slots=True)
-class RefreshFailed:
+class RefreshFailed(NamedTuple):
     error: str
 
 
-@dataclass(frozen=True, slots=True)
-class ResetDone:
+class ResetDone(NamedTuple):
     """A connection went back to its sub-pool: ``elided`` if its reset was skipped."""
 
     instance: str

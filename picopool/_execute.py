@@ -460,16 +460,15 @@ class Executor:
 
     def _acquired(self, member: Member, request: RoleRequest, started: float,
                   ok: bool) -> None:
-        instance = member.instance
         self._events.emit(AcquireFinished(
-            instance=instance.label, role=instance.role.value, request=request.value,
+            instance=member.label, role=member.instance.role.value, request=request.value,
             waited=time.monotonic() - started, ok=ok))
 
     def _finished(self, member: Member, decision: Decision, method: str,
                   args: tuple[Any, ...], outcome: str, sent: float, attempt: int) -> None:
-        instance = member.instance
         self._events.emit(StatementFinished(
-            instance=instance.label, role=instance.role.value, request=decision.request.value,
+            instance=member.label, role=member.instance.role.value,
+            request=decision.request.value,
             reason=decision.reason, method=method, query=decision.query, args=args,
             outcome=outcome, duration=time.monotonic() - sent, attempt=attempt))
 
@@ -753,7 +752,7 @@ class Executor:
             return
         if self._events.on:
             self._events.emit(ResetDone(
-                instance=member.instance.label,
+                instance=member.label,
                 elided=reset is Reset.NONE or not self._membership.picopool_resets))
         if self._check_idle_after is not None:
             member.last_used[raw] = time.monotonic()

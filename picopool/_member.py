@@ -33,6 +33,7 @@ class Member:
         "inflight",
         "instance",
         "interrupted",
+        "label",
         "last_error",
         "last_used",
         "open_until",
@@ -48,6 +49,7 @@ class Member:
 
     def __init__(self, instance: Instance, make_pool: Any) -> None:
         self.instance = instance
+        self.label = instance.label  # how events name it; kept in step by the membership
         self._make_pool = make_pool  # (Instance) -> un-initialised asyncpg.Pool
         self.pool: Any = None
         self._init_task: asyncio.Task[Any] | None = None

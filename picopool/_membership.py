@@ -388,7 +388,8 @@ class Membership:
             if member.pool is not None:
                 await member.pool.expire_connections()
         for instance in plan.keep:
-            self.members[instance.id].instance = instance
+            kept = self.members[instance.id]
+            kept.instance, kept.label = instance, instance.label
         instances = tuple(self.members[i.id].instance for i in (*plan.keep, *plan.add))
         unchanged = (
             previous is not None
