@@ -9,6 +9,7 @@ import contextlib
 import contextvars
 import random
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 
@@ -260,3 +261,21 @@ async def test_statement_timeout_applies_unless_the_call_has_its_own(
     assert await pool.fetchval("SELECT 1 FROM pg_sleep(0.4)", timeout=5) == 1
     assert await _settle(pool) == []
 
+
+
+async def test_a_replica_that_comes_back_is_ready_again(cluster_factory: Any,
+                                                        make_pool: PoolFactory) -> None:
+    """User story: a replica is down when the service starts; the pool starts with
+    what answers, wait_ready() says a replica is missing, and once the replica is
+    back it is confirmed and serves reads."""
+    private = cluster_factory(replicas=2)
+    late = private.replicas[1]
+    await asyncio.to_thread(late.stop)
+    pool = await make_pool(private.dsn, readiness_check=True)
+    await pool.wait_ready(primary=True, replicas=1, timeout=10)
+    with pytest.raises(picopool.NotReadyError):
+        await pool.wait_ready(replicas=2, timeout=0.5)
+    await asyncio.to_thread(late.start)
+    await pool.wait_ready(replicas=2, timeout=30)
+    ports = {await pool.fetchval("SELECT inet_server_port()") for _ in range(12)}
+    assert late.port in ports
