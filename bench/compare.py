@@ -84,14 +84,17 @@ async def point_contenders(cluster: LocalCluster, bouncer: PgBouncer | None,
                 async with manager.acquire_replica(fallback_master=True) as connection:
                     return await connection.fetchval(QUERY, 1)
             calls["hasql, 3 instances"] = hasql_call
-        if bouncer is not None:
-            add("asyncpg via pgbouncer", await asyncpg.create_pool(
-                host="127.0.0.1", port=bouncer.port, user="postgres", password=password,
-                database="postgres", statement_cache_size=0, min_size=size, max_size=size))
-        if pgpool is not None:
-            add("asyncpg via pgpool-II", await asyncpg.create_pool(
-                host="127.0.0.1", port=pgpool.port, user="postgres", password=password,
-                database="postgres", min_size=size, max_size=size))
+        for name, daemon, extra in (("asyncpg via pgbouncer", bouncer,
+                                     {"statement_cache_size": 0}),
+                                    ("asyncpg via pgpool-II", pgpool, {})):
+            if daemon is None:
+                continue
+            try:
+                add(name, await asyncpg.create_pool(
+                    host="127.0.0.1", port=daemon.port, user="postgres", password=password,
+                    database="postgres", min_size=size, max_size=size, **extra))
+            except (OSError, asyncpg.PostgresError) as exc:  # reported, not fatal
+                print(f"  ({name} could not start: {exc!r})", flush=True)
         yield calls
     finally:
         for pool in closers:

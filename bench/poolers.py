@@ -100,7 +100,7 @@ pidfile = {self.directory}/pgbouncer.pid
 class PgPool(_Daemon):
     """pgpool-II in streaming-replication mode with read load balancing over *cluster*."""
 
-    def __init__(self, cluster: LocalCluster, *, num_init_children: int = 32) -> None:
+    def __init__(self, cluster: LocalCluster, *, num_init_children: int = 80) -> None:
         super().__init__("picopool-pgpool-")
         backends = []
         for index, node in enumerate(cluster.nodes):
@@ -131,7 +131,7 @@ statement_level_load_balance = on
 sr_check_period = 0
 health_check_period = 0
 failover_on_backend_error = off
-connection_cache = on
+connection_cache = off
 reset_query_list = 'ABORT; DISCARD ALL'
 log_min_messages = warning
 """)
