@@ -397,6 +397,8 @@ class Pool:
     async def _acquire_routed(self, request: RoleRequest, timeout: float | None) -> Any:
         """Check out a connection for *request*, honouring read-your-writes."""
         self._check_open()
+        if self._executor.rate_limiter is not None:
+            await self._executor.rate_limiter.acquire(timeout)
         member, connection = await self._executor.acquire_routed(request, timeout)
         self._checked_out[connection] = member
         return connection

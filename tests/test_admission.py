@@ -173,8 +173,11 @@ async def test_rate_limit_without_blocking_refuses_over_the_burst(
         await pool.fetchval("SELECT 1")
     with pytest.raises(RateLimitedError):
         await pool.acquire()
+    with pytest.raises(RateLimitedError):
+        async with pool.transaction():
+            pass
     stats = pool.stats().admission
-    assert stats is not None and stats.rate_limited == 2
+    assert stats is not None and stats.rate_limited == 3
 
 
 async def test_rate_limit_keyed_by_a_context_variable(
