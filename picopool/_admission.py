@@ -52,6 +52,7 @@ class AdmissionStats:
     rate_limited: int  # RateLimitedError raised
     rate_waited: int  # callers that waited for a token
     lifetime_closed: int  # connections closed on release for max_lifetime
+    not_ready: tuple[str, ...] = ()  # readiness_check: instances awaiting confirmation
 
 
 # -- rate limit --------------------------------------------------------------------

@@ -627,6 +627,8 @@ class Pool:
             rate_limited=limiter.limited if limiter else 0,
             rate_waited=limiter.waited if limiter else 0,
             lifetime_closed=executor.lifetime_closed,
+            not_ready=tuple(m.instance.label for m in self._membership.members.values()
+                            if not m.confirmed),
         )
 
     def __repr__(self) -> str:

@@ -245,6 +245,8 @@ async def test_a_recovering_instance_gets_no_traffic_until_confirmed(
                    if m.instance.role is picopool.Role.REPLICA)
     membership.note_failure(replica, ConnectionError("simulated"))
     assert not replica.confirmed
+    stats = pool.stats().admission
+    assert stats is not None and stats.not_ready == (replica.instance.label,)
     served_before = replica.served
     for _ in range(10):
         await pool.fetchval("SELECT 1")
