@@ -284,3 +284,28 @@ async def test_a_replica_that_comes_back_is_ready_again(cluster_factory: Any,
     await pool.wait_ready(replicas=2, timeout=30)
     ports = {await pool.fetchval("SELECT inet_server_port()") for _ in range(12)}
     assert late.port in ports
+
+
+async def test_statement_timeout_wins_over_command_timeout_on_pool_level_calls(
+        cluster: LocalCluster, make_pool: PoolFactory) -> None:
+    """Precedence: the call's timeout=, then statement_timeout=, then asyncpg's
+    command_timeout (which still governs acquire()d connections)."""
+    pool = await make_pool(cluster.dsn, statement_timeout=5, command_timeout=0.1)
+    assert await pool.fetchval("SELECT 1 FROM pg_sleep(0.3)") == 1
+    with pytest.raises(TimeoutError):
+        await pool.fetchval("SELECT 1 FROM pg_sleep(0.3)", timeout=0.1)
+    async with pool.acquire() as conn:
+        with pytest.raises(TimeoutError):
+            await conn.fetchval("SELECT 1 FROM pg_sleep(0.3)")
+    assert await _settle(pool) == []
+
+
+async def test_lifetimes_are_jittered_up_to_five_percent_early(
+        cluster: LocalCluster, make_pool: PoolFactory) -> None:
+    pool = await make_pool(cluster.dsn, min_size=2, max_size=2, max_lifetime=100)
+    now = asyncio.get_running_loop().time()
+    deadlines = list(pool._membership.expires.values())
+    assert len(deadlines) >= 6  # two per instance, opened at start
+    for deadline in deadlines:
+        assert now - 10 + 95 <= deadline <= now + 100
+    assert len(set(deadlines)) == len(deadlines)
