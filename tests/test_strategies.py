@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 
 import pytest
 from conftest import PoolFactory
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from picopool import Address, Instance, Role
@@ -227,6 +227,7 @@ def test_least_latency_never_picks_the_single_most_expensive(
         assert all(p is not worst for p in picked)
 
 
+@settings(max_examples=25)
 @given(st.integers(min_value=2, max_value=6), st.integers(0, 2**32))
 def test_least_latency_spreads_over_equal_instances(n: int, seed: int) -> None:
     pool = [candidate(i, rtt=0.001, rtt_at=NOW) for i in range(n)]
@@ -393,3 +394,18 @@ async def test_prefer_replicas_spills_reads_to_the_primary_only_under_saturation
     finally:
         for connection in held:
             await pool.release(connection)
+
+
+@pytest.mark.integration
+async def test_least_latency_learns_each_replicas_round_trip(
+        cluster: LocalCluster, make_pool: PoolFactory) -> None:
+    pool = await make_pool(cluster.dsn, strategy=LeastLatency(), min_size=1, max_size=2)
+    ports = {await pool.fetchval("SELECT inet_server_port()") for _ in range(40)}
+    assert ports <= {n.port for n in cluster.replicas} and ports  # reads stay on replicas
+    replicas = [m for m in pool._membership.members.values()
+                if m.instance.role is Role.REPLICA]
+    # An unmeasured replica costs nothing, so each was tried and measured at once.
+    assert replicas and all(m.rtt > 0 and m.rtt_at > 0 for m in replicas)
+    primary = [m for m in pool._membership.members.values() if m.instance.role.writable]
+    await pool.execute("SELECT 1 /* picopool: role=primary */")
+    assert all(m.rtt > 0 for m in primary)
