@@ -217,7 +217,8 @@ def write_report(output: Path, sections: dict[str, Any], meta: dict[str, str]) -
 
 async def run(seconds: float, rounds: int, concurrencies: list[int], output: Path) -> None:
     load_before = os.getloadavg()[0]
-    cluster = LocalCluster(replicas=2)
+    # Every contender's pool is open at once: 32 callers x 7 contenders per server.
+    cluster = LocalCluster(replicas=2, settings={"max_connections": "500"})
     await asyncio.to_thread(cluster.start)
     bouncer: PgBouncer | None = None
     pgpool: PgPool | None = None
