@@ -96,9 +96,8 @@ class Pool:
             raise ConfigurationError("health_check_interval must be positive or None")
         if strategy is not None and not isinstance(strategy, BalanceStrategy):
             raise ConfigurationError(f"strategy {strategy!r} has no pick() method")
-        min_size, max_size = pool_options["min_size"], pool_options["max_size"]
-        if max_size <= 0 or min_size < 0 or min_size > max_size:
-            raise ConfigurationError(f"invalid sizes min_size={min_size} max_size={max_size}")
+        _check_sizes(pool_options)
+        max_size = pool_options["max_size"]
         self._pool_options = pool_options
         self._strategy: BalanceStrategy = strategy or RoundRobin()
         self._failover_timeout = failover_timeout
@@ -212,6 +211,10 @@ class Pool:
         if self._closing:
             raise PoolClosedError("pool is closing")
         if not self._initialized:
+            if self._initializing:  # asyncpg's words
+                raise asyncpg.InterfaceError(
+                    "pool is being initialized, but not yet ready: likely there is a race "
+                    "between creating a pool and using it")
             raise asyncpg.InterfaceError("pool is not initialized")
 
     # -- topology ----------------------------------------------------------------------
@@ -247,13 +250,18 @@ class Pool:
         return connection
 
     async def release(self, connection: Any, *, timeout: float | None = None) -> None:
-        """Return a connection acquired with :meth:`acquire` to its sub-pool."""
+        """Return a connection acquired with :meth:`acquire` to its sub-pool.
+
+        As in asyncpg, releasing a connection that is already back in the pool
+        (released twice, or released inside ``async with pool.acquire()``) does
+        nothing, and a connection of another pool raises ``InterfaceError``.
+        """
         member = self._checked_out.pop(connection, None)
         if member is None:
+            if self._released_here(connection):
+                return  # already released: asyncpg does nothing either
             raise asyncpg.InterfaceError(
-                f"Pool.release() received invalid connection: {connection!r} was not "
-                "acquired from this pool"
-            )
+                f"Pool.release(): connection {connection!r} is not a member of this pool")
         member.served += 1
         raw = connection._con  # None once asyncpg released a lost connection itself
         broken = raw is None or raw.is_closed()
@@ -269,6 +277,14 @@ class Pool:
         finally:
             # acquire()d connections always get asyncpg's full reset
             await executor.release(member, connection, Reset.FULL, timeout=timeout)
+
+    def _released_here(self, connection: Any) -> bool:
+        """A connection proxy of one of the sub-pools, already given back."""
+        holder = getattr(connection, "_holder", None)
+        if type(connection) is not asyncpg.pool.PoolConnectionProxy or holder is None \
+                or connection._con is not None:
+            return False
+        return any(m.pool is holder._pool for m in self._membership.members.values())
 
     async def execute(self, query: str, *args: Any, timeout: float | None = None,
                       role: str | None = None) -> str:
@@ -641,7 +657,10 @@ class Pool:
         )
         version = membership.topology.version if membership.topology else 0
         provider = membership.provider.name if membership.provider else None
-        return (f"<picopool.Pool {state} dsn={mask_dsn(membership.dsn)!r} provider={provider} "
+        # No DSN (host=/port= keywords, PGHOST): show the hosts instead of dsn=''
+        source = (f"dsn={mask_dsn(membership.dsn)!r}" if membership.dsn
+                  else f"hosts={','.join(map(str, membership.seeds))}")
+        return (f"<picopool.Pool {state} {source} provider={provider} "
                 f"topology=v{version} [{members}]>")
 
 
@@ -793,6 +812,30 @@ def create_pool(
     )
     pool._membership.address_map = address_mapper(address_map)  # sub-pools connect there
     return pool
+
+def _check_sizes(options: dict[str, Any]) -> None:
+    """asyncpg's size checks, with asyncpg's messages (ConfigurationError is a ValueError)."""
+    min_size, max_size = options["min_size"], options["max_size"]
+    init_size = options.get("init_size")
+    if max_size <= 0:
+        raise ConfigurationError("max_size is expected to be greater than zero")
+    if min_size < 0:
+        raise ConfigurationError("min_size is expected to be greater or equal to zero")
+    if min_size > max_size:
+        raise ConfigurationError("min_size is greater than max_size")
+    if init_size is not None:
+        if init_size < 0:
+            raise ConfigurationError("init_size is expected to be greater or equal to zero")
+        if init_size < min_size:
+            raise ConfigurationError("init_size is smaller than min_size")
+        if init_size > max_size:
+            raise ConfigurationError("init_size is greater than max_size")
+    if options["max_queries"] <= 0:
+        raise ConfigurationError("max_queries is expected to be greater than zero")
+    if options["max_inactive_connection_lifetime"] < 0:
+        raise ConfigurationError(
+            "max_inactive_connection_lifetime is expected to be greater or equal to zero")
+
 
 def _positive(name: str, value: float | None) -> float | None:
     if value is not None and not value > 0:
