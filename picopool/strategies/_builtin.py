@@ -109,11 +109,16 @@ class LeastLatency:
     """Power of two choices over each instance's round-trip time, weighted by load.
 
     Two distinct candidates are drawn at random; the one with the lower cost
-    ``rtt * (in_use + 1)`` wins (ties go to the first drawn). ``rtt`` is the
-    instance's moving average of statement round trips (:class:`LatencySample`):
-    a fast instance takes most of the work until its queue of in-flight requests
-    costs more than one round trip to a slower one. An instance not measured yet
-    costs 0, so it is tried at once.
+    ``rtt * (1 + in_use / max_size)`` wins (ties go to the first drawn). ``rtt``
+    is the instance's moving average of statement round trips
+    (:class:`LatencySample`), which already grows when the server is loaded; the
+    in-flight requests weigh as the share of the sub-pool they hold, so a fast
+    instance takes most of the work until it is about as full as a slower one is
+    slow (with ``rtt * (in_use + 1)``, Finagle's weighting, a client whose own
+    event loop is busy spilled far more to the slow instance in
+    ``bench/latency_skew.py``). An instance not measured yet costs 0, so it is
+    tried at once; a candidate with no latency sample at all costs
+    ``in_use + 1`` (least connections).
 
     An estimate that has not been updated for longer than *decay* seconds shrinks
     as ``rtt * decay / age``: an instance that was slow and gets no traffic is
@@ -144,7 +149,7 @@ class LeastLatency:
         return a if self.cost(a) <= self.cost(b) else b
 
     def cost(self, candidate: Candidate) -> float:
-        """The expected wait on *candidate*: its decayed round trip times (in-flight + 1)."""
+        """The expected wait on *candidate*: its decayed round trip, weighted by load."""
         sample = candidate.latency
         if sample is None:
             return float(candidate.in_use + 1)  # unmeasured: least connections
@@ -153,7 +158,7 @@ class LeastLatency:
             age = self._clock() - sample.rtt_at
             if age > self._decay:
                 rtt *= self._decay / age
-        return rtt * (candidate.in_use + 1)
+        return rtt * (1.0 + candidate.in_use / max(candidate.max_size, 1))
 
     def __repr__(self) -> str:
         return f"LeastLatency(decay={self._decay})"
