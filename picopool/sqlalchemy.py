@@ -99,6 +99,10 @@ class _Checkout:
         return await self._proxy._prepare(query, timeout=timeout, use_cache=True,
                                           record_class=record_class)
 
+    def is_closed(self) -> bool:
+        """asyncpg gives a lost connection back to its pool by itself: that is closed too."""
+        return self._proxy._con is None or bool(self._raw.is_closed())
+
     async def set_type_codec(self, typename: str, *, schema: str = "public",
                              **options: Any) -> None:
         """Install a codec once per physical connection (per group of engines).
