@@ -43,15 +43,21 @@ HERE = Path(__file__).resolve().parent
 SKIPS_FILE = HERE / "skips.toml"
 
 
-def load_skips() -> dict[str, str]:
-    """``{"TestClass.test_name" or "TestClass": reason}``; every entry needs a reason."""
+def load_skips(version: str) -> dict[str, str]:
+    """``{"TestClass.test_name" or "TestClass": reason}``; every entry needs a reason.
+
+    A key may start with an asyncpg version and a space (``"0.30.0 TestPool.x"``):
+    that entry holds for that version only.
+    """
     with SKIPS_FILE.open("rb") as f:
         data = tomllib.load(f)
     skips: dict[str, str] = {}
     for name, reason in data["skip"].items():
         if not isinstance(reason, str) or len(reason.strip()) < 10:
             raise SystemExit(f"{SKIPS_FILE}: {name} needs a reason")
-        skips[name] = reason
+        only, _, test = name.rpartition(" ")
+        if not only or only == version:
+            skips[test] = reason
     return skips
 
 
@@ -141,6 +147,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--all", action="store_true", help="run the skip-listed tests too")
     parser.add_argument("-k", dest="pattern", help="run only tests whose id contains this")
+    parser.add_argument("--bare", action="store_true",
+                        help="run against bare asyncpg instead (a baseline), not picopool")
     args = parser.parse_args()
     # A hang dumps every stack and fails instead of stalling CI.
     faulthandler.dump_traceback_later(float(os.environ.get("ASYNCPG_COMPAT_TIMEOUT", 900)),
@@ -148,7 +156,7 @@ def main() -> int:
 
     version = importlib.metadata.version("asyncpg")
     test_file = asyncpg_test_file(version)
-    skips = load_skips()
+    skips = load_skips(version)
 
     from picopool.cluster import LocalCluster
 
@@ -156,7 +164,13 @@ def main() -> int:
         node = cluster.primary
         os.environ.update(PGHOST=node.host, PGPORT=str(node.port), PGUSER="postgres",
                           PGPASSWORD=cluster.password, PGDATABASE="postgres")
-        module = load_module(test_file, point_asyncpg_testbase_at_picopool())
+        if args.bare:
+            from asyncpg import _testbase
+
+            _testbase.TestCaseMeta.TEST_TIMEOUT = 60
+            module = load_module(test_file, _testbase.create_pool)
+        else:
+            module = load_module(test_file, point_asyncpg_testbase_at_picopool())
         suite = unittest.defaultTestLoader.loadTestsFromModule(module)
         selected = unittest.TestSuite()
         listed: list[str] = []
@@ -176,7 +190,8 @@ def main() -> int:
     passed = (result.testsRun - len(result.failures) - len(result.errors)
               - len(result.skipped) - len(result.unexpectedSuccesses))
     absent = sorted(set(skips) - seen)
-    print(f"\nasyncpg {version} tests/test_pool.py against picopool: {passed} passed, "
+    target = "bare asyncpg" if args.bare else "picopool"
+    print(f"\nasyncpg {version} tests/test_pool.py against {target}: {passed} passed, "
           f"{len(listed)} skipped (skips.toml), {len(result.failures)} failed, "
           f"{len(result.errors)} errors, {len(result.skipped)} skipped unexpectedly")
     for test, reason in result.skipped:
