@@ -88,13 +88,20 @@ Listener: TypeAlias = Callable[[Event], None]
 
 
 class Events:
-    """The listeners of one pool. ``if events.on:`` guards every emit on hot paths."""
+    """The listeners of one pool.
 
-    __slots__ = ("_listeners", "on")
+    Rare events (connections, breakers, topology) go through :meth:`emit`, to the
+    pool's own metrics (the *sink*) and to every listener. The per-statement events
+    go through :meth:`notify`, to the listeners only, behind ``if events.on:``: the
+    pool's metrics get those figures from the executor directly, without an event.
+    """
+
+    __slots__ = ("_listeners", "on", "sink")
 
     def __init__(self) -> None:
         self._listeners: tuple[Listener, ...] = ()
-        self.on = False
+        self.on = False  # whether anyone but the pool's own metrics listens
+        self.sink: Listener | None = None
 
     def add(self, listener: Listener) -> None:
         self._listeners = (*self._listeners, listener)
@@ -105,6 +112,13 @@ class Events:
         self.on = bool(self._listeners)
 
     def emit(self, event: Event) -> None:
+        """A rare event: the pool's metrics, then every listener."""
+        if self.sink is not None:
+            self.sink(event)
+        self.notify(event)
+
+    def notify(self, event: Event) -> None:
+        """A per-statement event: every listener (the caller checked ``on``)."""
         for listener in self._listeners:
             try:
                 listener(event)

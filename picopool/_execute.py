@@ -34,6 +34,7 @@ from ._errors import NoAvailableInstanceError, PoolClosedError, describe_error
 from ._events import AcquireFinished, Events, ResetDone, StatementFinished
 from ._member import Member
 from ._membership import Membership
+from ._metrics import Metrics
 from ._outcome import Outcome, Phase, classify_failure, confirm_read_only, may_retry
 from ._routing import Decision, RoleRequest, RoutingPolicy, decide, parse_role, select, spill
 from ._sql import classify
@@ -117,6 +118,7 @@ class Executor:
         self._cache_epoch = -1
         self._cache_valid_until = _NEVER
         self.pool_lsn = 0
+        self.metrics: Metrics | None = None  # the pool's own, fed without events
         self.retries = 0
         self.outcomes: dict[Outcome, int] = {}
         # Admission control (picopool._admission); each is None when turned off.
@@ -267,8 +269,7 @@ class Executor:
                         connection = await member.pool.acquire(timeout=timeout)
                     except (Exception, asyncio.CancelledError) as exc:
                         member.acquiring.pop(task, None)  # type: ignore[arg-type]
-                        if self._events.on:
-                            self._acquired(member, request, started, False)
+                        self._acquired(member, request, started, False)
                         elapsed = time.monotonic() - started
                         if timeout is not None:  # what is left of the caller's timeout
                             timeout = max(0.001, timeout - elapsed)
@@ -325,8 +326,7 @@ class Executor:
                     connection = await member.pool.acquire(timeout=timeout)
                 except (Exception, asyncio.CancelledError) as exc:
                     member.acquiring.pop(task, None)
-                    if self._events.on:
-                        self._acquired(member, request, started, False)
+                    self._acquired(member, request, started, False)
                     outcome = self._acquire_failed(member, exc, timeout,
                                                    time.monotonic() - started, None, {})
                     if outcome is None:
@@ -399,8 +399,7 @@ class Executor:
             except (Exception, asyncio.CancelledError) as exc:
                 member.acquiring.pop(task, None)  # type: ignore[arg-type]
                 member.probing = False
-                if self._events.on:
-                    self._acquired(member, request, started_at, False)
+                self._acquired(member, request, started_at, False)
                 outcome = self._acquire_failed(member, exc, timeout, loop.time() - started,
                                                wait, attempts)
                 if outcome is None:
@@ -460,14 +459,20 @@ class Executor:
 
     def _acquired(self, member: Member, request: RoleRequest, started: float,
                   ok: bool) -> None:
-        self._events.emit(AcquireFinished(
-            instance=member.label, role=member.instance.role.value, request=request.value,
-            waited=time.monotonic() - started, ok=ok))
+        """A checkout ended: a failed one is counted here; a successful one by the
+        caller (the statement, or Pool.acquire), and told to listeners here."""
+        waited = time.monotonic() - started
+        if not ok and self.metrics is not None:
+            self.metrics.acquired(member.label, member.role_name, waited, False)
+        if self._events.on:
+            self._events.notify(AcquireFinished(
+                instance=member.label, role=member.role_name, request=request.value,
+                waited=waited, ok=ok))
 
     def _finished(self, member: Member, decision: Decision, method: str,
                   args: tuple[Any, ...], outcome: str, sent: float, attempt: int) -> None:
-        self._events.emit(StatementFinished(
-            instance=member.label, role=member.instance.role.value,
+        self._events.notify(StatementFinished(
+            instance=member.label, role=member.role_name,
             request=decision.request.value,
             reason=decision.reason, method=method, query=decision.query, args=args,
             outcome=outcome, duration=time.monotonic() - sent, attempt=attempt))
@@ -634,8 +639,10 @@ class Executor:
         failures: list[tuple[str, str]] = []
         while True:
             if causal_lsn:
+                asked = time.monotonic()
                 member, connection = await self.acquire_caught_up(decision.request, causal_lsn)
             else:
+                asked = time.monotonic()
                 member, connection = await self.acquire(
                     decision.request, None, instance=decision.instance)
             running = member.running
@@ -649,6 +656,12 @@ class Executor:
                     await self.record_write_position(connection._con, scope)
             except (Exception, asyncio.CancelledError) as exc:
                 running.pop(connection, None)
+                if self.metrics is not None:
+                    now = time.monotonic()
+                    self.metrics.statement(
+                        member.label, member.role_name,
+                        "caller-timeout" if isinstance(exc, asyncio.CancelledError)
+                        else classify_failure(exc, Phase.RUN).value, now - sent, attempt, now)
                 if self._events.on:
                     self._finished(member, decision, method, positional,
                                    "caller-timeout" if isinstance(exc, asyncio.CancelledError)
@@ -675,6 +688,13 @@ class Executor:
                 reset = Reset.NONE
             else:
                 reset = Reset.DEEP if decision.leaves_session_state else Reset.FULL
+            metrics = self.metrics
+            if metrics is not None:
+                now = time.monotonic()
+                label, role = member.label, member.role_name
+                metrics.statement(label, role, "ok", now - sent, attempt, now)
+                metrics.acquired(label, role, sent - asked, True)
+                metrics.reset(label, reset is Reset.NONE or not self._membership.picopool_resets)
             await self.release(member, connection, reset, quiet=True)
             return result
 
@@ -751,7 +771,7 @@ class Executor:
             await self._close_expired(member, connection, raw, timeout)
             return
         if self._events.on:
-            self._events.emit(ResetDone(
+            self._events.notify(ResetDone(
                 instance=member.label,
                 elided=reset is Reset.NONE or not self._membership.picopool_resets))
         if self._check_idle_after is not None:

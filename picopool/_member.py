@@ -40,6 +40,7 @@ class Member:
         "pool",
         "probing",
         "reserved",
+        "role_name",
         "rtt",
         "rtt_at",
         "running",
@@ -50,6 +51,7 @@ class Member:
     def __init__(self, instance: Instance, make_pool: Any) -> None:
         self.instance = instance
         self.label = instance.label  # how events name it; kept in step by the membership
+        self.role_name = instance.role.value
         self._make_pool = make_pool  # (Instance) -> un-initialised asyncpg.Pool
         self.pool: Any = None
         self._init_task: asyncio.Task[Any] | None = None

@@ -262,8 +262,7 @@ class Membership:
         if self.readiness_check:
             member.confirmed = False  # recovering: no traffic until confirmed again
         self.health_changed()
-        if self.events.on:
-            self.events.emit(BreakerChanged(member.instance.label, "open", error))
+        self.events.emit(BreakerChanged(member.instance.label, "open", error))
         logger.warning("instance %s failed: %s", member.instance.label, error)
         self.request_refresh()
 
@@ -271,8 +270,7 @@ class Membership:
         """*member* served again after failures: close its breaker."""
         member.record_success()
         self.health_changed()
-        if self.events.on:
-            self.events.emit(BreakerChanged(member.instance.label, "closed", None))
+        self.events.emit(BreakerChanged(member.instance.label, "closed", None))
 
     def mark_demoted(self, member: Member) -> None:
         """A former primary: stop writing to it at once and learn the new one."""
@@ -353,8 +351,7 @@ class Membership:
         except (Exception, asyncio.CancelledError) as exc:
             self.refresh_failures += 1
             self.last_refresh_error = describe_error(exc)
-            if self.events.on:
-                self.events.emit(RefreshFailed(self.last_refresh_error))
+            self.events.emit(RefreshFailed(self.last_refresh_error))
             if isinstance(exc, asyncio.CancelledError | TopologyError):
                 raise
             raise TopologyError(
@@ -390,6 +387,7 @@ class Membership:
         for instance in plan.keep:
             kept = self.members[instance.id]
             kept.instance, kept.label = instance, instance.label
+            kept.role_name = instance.role.value
         instances = tuple(self.members[i.id].instance for i in (*plan.keep, *plan.add))
         unchanged = (
             previous is not None
@@ -406,8 +404,7 @@ class Membership:
                 symmetric=discovered.symmetric,
                 service_address=self.service.service_address(),
             )
-            if self.events.on:
-                self.events.emit(TopologyChanged(self.topology.version, tuple(
+            self.events.emit(TopologyChanged(self.topology.version, tuple(
                     (i.label, i.role.value) for i in instances)))
         self.service.forget_except({i.address for i in instances})
         # Published now, while the lag measurement may still be running: routing
@@ -498,16 +495,14 @@ class Membership:
         quiet = self.quiet
 
         def closed(connection: Any) -> None:
-            if events.on:
-                events.emit(ConnectionClosed(label, lost=False))
+            events.emit(ConnectionClosed(label, lost=False))
 
         async def init(connection: Any) -> None:
             connection.add_termination_listener(closed)
             if lifetime is not None:  # psycopg_pool's jitter: up to 5% early
                 expires[connection] = time.monotonic() + lifetime * random.uniform(0.95, 1.0)
             quiet.recovered(label)
-            if events.on:
-                events.emit(ConnectionOpened(label))
+            events.emit(ConnectionOpened(label))
             if user_init is not None:
                 await user_init(connection)
 
@@ -679,8 +674,7 @@ class Membership:
             member.unresponsive = False
             logger.warning("instance %s answers again", instance.label)
             self.health_changed()
-            if self.events.on:
-                self.events.emit(BreakerChanged(instance.label, "answers", None))
+            self.events.emit(BreakerChanged(instance.label, "answers", None))
 
     @staticmethod
     def _overdue(member: Member) -> dict[int, Any]:
@@ -714,8 +708,7 @@ class Membership:
         executor retries what provably cannot have written and raises the rest) and
         waiting checkouts move to another instance."""
         member.unresponsive = True
-        if self.events.on:
-            self.events.emit(BreakerChanged(member.instance.label, "unresponsive",
+        self.events.emit(BreakerChanged(member.instance.label, "unresponsive",
                                             describe_error(exc)))
         logger.warning("instance %s does not answer (%s): no traffic until it does; "
                        "cutting %d connections in use and %d waiting checkouts",

@@ -179,57 +179,71 @@ class Metrics:
             metrics = self.instances[label] = InstanceMetrics(label)
         return metrics
 
-    def _statement(self, event: StatementFinished) -> None:
-        metrics = self.instances.get(event.instance) or self.instance(event.instance)
-        role = metrics.role = event.role
-        key = (role, event.outcome)
+    # The executor calls these directly on its hot path (no event is built for the
+    # pool's own metrics); the event handlers below map onto them.
+
+    def statement(self, label: str, role: str, outcome: str, duration: float,
+                  attempt: int, now: float) -> None:
+        """One attempt of a pool-level statement ended (*now*: a monotonic time)."""
+        metrics = self.instances.get(label) or self.instance(label)
+        metrics.role = role
+        key = (role, outcome)
         statements = metrics.statements
         statements[key] = statements.get(key, 0) + 1
         histogram = metrics.durations.get(role)
         if histogram is None:
             histogram = metrics.durations[role] = Histogram()
-        histogram.observe(event.duration)
-        metrics.window.add(time.monotonic(), event.duration)
-        outcome = event.outcome
-        if event.attempt or outcome != "ok":
-            self._retry_bookkeeping(event)
+        histogram.observe(duration)
+        metrics.window.add(now, duration)
+        if attempt or outcome != "ok":
+            self._retry_bookkeeping(outcome, attempt)
         if outcome in LOST_OUTCOMES:
             metrics.connections_lost += 1
 
-    def _retry_bookkeeping(self, event: StatementFinished) -> None:
+    def _retry_bookkeeping(self, outcome: str, attempt: int) -> None:
         task = asyncio.current_task()
         if task is None:
             return
-        if event.attempt:
+        if attempt:
             retried = self._failed.pop(task, None)
             if retried is not None:
                 self.retries[retried] = self.retries.get(retried, 0) + 1
-        if event.outcome != "ok":
-            self._failed[task] = event.outcome
+        if outcome != "ok":
+            self._failed[task] = outcome
 
-    def _acquire(self, event: AcquireFinished) -> None:
-        metrics = self.instances.get(event.instance) or self.instance(event.instance)
-        metrics.role = event.role
-        histogram = metrics.acquire_wait.get(event.role)
+    def acquired(self, label: str, role: str, waited: float, ok: bool) -> None:
+        """A checkout from *label*'s sub-pool ended after *waited* seconds."""
+        metrics = self.instances.get(label) or self.instance(label)
+        metrics.role = role
+        histogram = metrics.acquire_wait.get(role)
         if histogram is None:
-            histogram = metrics.acquire_wait[event.role] = Histogram()
-        waited = event.waited
+            histogram = metrics.acquire_wait[role] = Histogram()
         histogram.observe(waited)
         if waited > metrics.acquire_wait_max:
             metrics.acquire_wait_max = waited
-        if not event.ok:
+        if not ok:
             metrics.acquire_failures += 1
         if waited >= 0.001:  # it queued: sample how many queue now (it was one of them)
             waiting = self._waiting() + 1
             if waiting > self.waiters_max:
                 self.waiters_max = waiting
 
-    def _reset(self, event: ResetDone) -> None:
-        metrics = self.instances.get(event.instance) or self.instance(event.instance)
-        if event.elided:
+    def reset(self, label: str, elided: bool) -> None:
+        metrics = self.instances.get(label) or self.instance(label)
+        if elided:
             metrics.resets_elided += 1
         else:
             metrics.resets_performed += 1
+
+    def _statement(self, event: StatementFinished) -> None:
+        self.statement(event.instance, event.role, event.outcome, event.duration,
+                       event.attempt, time.monotonic())
+
+    def _acquire(self, event: AcquireFinished) -> None:
+        self.acquired(event.instance, event.role, event.waited, event.ok)
+
+    def _reset(self, event: ResetDone) -> None:
+        self.reset(event.instance, event.elided)
 
     def _opened(self, event: ConnectionOpened) -> None:
         self.instance(event.instance).connections_opened += 1

@@ -131,8 +131,10 @@ class Pool:
         )
         self._checked_out: dict[Any, Member] = {}
         # stats(), Prometheus and OpenTelemetry read what this listener adds up.
+        # The pool's own metrics: fed directly by the executor, and by rare events.
         self._metrics = Metrics(self._waiting)
-        self._membership.events.add(self._metrics)
+        self._membership.events.sink = self._metrics
+        self._executor.metrics = self._metrics
         if slow_query_threshold is not None:
             if slow_query_threshold < 0:
                 raise ConfigurationError("slow_query_threshold must be >= 0 or None")
@@ -245,8 +247,10 @@ class Pool:
         self._check_open()
         if self._executor.rate_limiter is not None:
             await self._executor.rate_limiter.acquire(timeout)
+        started = time.monotonic()
         member, connection = await self._executor.acquire(request, timeout)
         self._checked_out[connection] = member
+        self._metrics.acquired(member.label, member.role_name, time.monotonic() - started, True)
         return connection
 
     async def release(self, connection: Any, *, timeout: float | None = None) -> None:
@@ -276,6 +280,7 @@ class Pool:
                 await executor.record_write_position(raw, scope)
         finally:
             # acquire()d connections always get asyncpg's full reset
+            self._metrics.reset(member.label, not self._membership.picopool_resets)
             await executor.release(member, connection, Reset.FULL, timeout=timeout)
 
     def _released_here(self, connection: Any) -> bool:
@@ -415,8 +420,10 @@ class Pool:
         self._check_open()
         if self._executor.rate_limiter is not None:
             await self._executor.rate_limiter.acquire(timeout)
+        started = time.monotonic()
         member, connection = await self._executor.acquire_routed(request, timeout)
         self._checked_out[connection] = member
+        self._metrics.acquired(member.label, member.role_name, time.monotonic() - started, True)
         return connection
 
     @asynccontextmanager
@@ -622,13 +629,13 @@ class Pool:
             elision_safe=membership.elision_safe,
             instances=tuple(instances),
             draining=len(membership.tasks),
+            admission=self._admission_stats(),
+            cache=self._cache.stats() if self._cache is not None else None,
             retries_by_outcome=MappingProxyType(dict(metrics.retries)),
             waiters=self._waiting(),
             waiters_max=metrics.waiters_max,
             roles=tuple(RoleStats(role, int(t[0]), int(t[1]), int(t[2]), t[3])
                         for role, t in sorted(roles.items())),
-            admission=self._admission_stats(),
-            cache=self._cache.stats() if self._cache is not None else None,
         )
 
     def _admission_stats(self) -> AdmissionStats:
@@ -812,6 +819,7 @@ def create_pool(
     )
     pool._membership.address_map = address_mapper(address_map)  # sub-pools connect there
     return pool
+
 
 def _check_sizes(options: dict[str, Any]) -> None:
     """asyncpg's size checks, with asyncpg's messages (ConfigurationError is a ValueError)."""
