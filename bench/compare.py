@@ -158,7 +158,8 @@ def _chart(path: Path, title: str, rows: list[dict[str, Any]], key: str, label: 
 
 
 def write_report(output: Path, sections: dict[str, Any], meta: dict[str, str]) -> None:
-    charts = output.parent / "bench" / "charts" if output.name == "BENCHMARKS.md" \
+    # In the repository, next to the documentation that shows them (docs/benchmarks.md).
+    charts = output.parent / "docs" / "charts" if output.name == "BENCHMARKS.md" \
         else output.parent / "charts"
     charts.mkdir(parents=True, exist_ok=True)
     relative = os.path.relpath(charts, output.parent)
