@@ -751,6 +751,15 @@ class Executor:
 
     # -- releasing -------------------------------------------------------------------------
 
+    async def release_shielded(self, member: Member, connection: Any, reset: Reset, *,
+                               timeout: float | None = None) -> None:
+        """:meth:`release` in a task of its own, as asyncpg releases: a cancelled
+        caller does not stop it, and work the caller's task scheduled before (an
+        abandoned async generator closing its transaction) runs first."""
+        task = asyncio.ensure_future(self.release(member, connection, reset, timeout=timeout))
+        task.add_done_callback(_retrieve)
+        await asyncio.shield(task)
+
     async def release(self, member: Member, connection: Any, reset: Reset, *,
                       timeout: float | None = None, quiet: bool = False) -> None:
         """Reset *connection* as *reset* says, then return it to its sub-pool.
@@ -779,6 +788,10 @@ class Executor:
         if reset is not Reset.NONE and self._membership.picopool_resets \
                 and not raw.is_closed():
             try:
+                # As asyncpg's release does first: resources of the user's (a
+                # transaction an abandoned async generator still holds) see the
+                # connection as released, and leave it alone.
+                raw._on_release()
                 await _reset(raw, reset, timeout)
             except (Exception, asyncio.CancelledError) as exc:
                 raw.terminate()
@@ -823,6 +836,12 @@ class Executor:
                 self.admission.dispatch()
 
 
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    """A shielded release whose caller was cancelled: its error is only logged."""
+    if not task.cancelled() and task.exception() is not None:
+        logger.debug("release: %s", describe_error(task.exception()))  # type: ignore[arg-type]
+
+
 async def _reset(raw: Any, reset: Reset, timeout: float | None) -> None:
     """asyncpg's own reset (it waits for a cancelled query to finish first)."""
     protocol = raw._protocol
@@ -831,6 +850,8 @@ async def _reset(raw: Any, reset: Reset, timeout: float | None) -> None:
             await protocol._wait_for_cancellation(timeout)
         except TypeError:
             await protocol._wait_for_cancellation()
+        if raw.is_closed():  # the cancellation ended it: nothing to reset (as asyncpg)
+            return
     await raw.reset(timeout=timeout)
     if reset is Reset.DEEP:
         await raw.execute(DEALLOCATE_SQL_PREPARED, timeout=timeout)

@@ -281,7 +281,7 @@ class Pool:
         finally:
             # acquire()d connections always get asyncpg's full reset
             self._metrics.reset(member.label, not self._membership.picopool_resets)
-            await executor.release(member, connection, Reset.FULL, timeout=timeout)
+            await executor.release_shielded(member, connection, Reset.FULL, timeout=timeout)
 
     def _released_here(self, connection: Any) -> bool:
         """A connection proxy of one of the sub-pools, already given back."""
