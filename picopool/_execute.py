@@ -651,7 +651,9 @@ class Executor:
                 # The raw connection: we hold the proxy, so skip its per-call checks.
                 result = await getattr(connection._con, method)(
                     decision.query, *positional, **kwargs)
-                member.record_rtt(running.pop(connection), time.monotonic())
+                now = time.monotonic()
+                del running[connection]
+                member.record_rtt(sent, now)
                 if tracks_writes and self._may_have_written(decision, member):
                     await self.record_write_position(connection._con, scope)
             except (Exception, asyncio.CancelledError) as exc:
@@ -690,11 +692,15 @@ class Executor:
                 reset = Reset.DEEP if decision.leaves_session_state else Reset.FULL
             metrics = self.metrics
             if metrics is not None:
-                now = time.monotonic()
-                label, role = member.label, member.role_name
-                metrics.statement(label, role, "ok", now - sent, attempt, now)
-                metrics.acquired(label, role, sent - asked, True)
-                metrics.reset(label, reset is Reset.NONE or not self._membership.picopool_resets)
+                elided = reset is Reset.NONE or not self._membership.picopool_resets
+                if attempt:
+                    metrics.statement(member.label, member.role_name, "ok", now - sent,
+                                      attempt, now)
+                    metrics.acquired(member.label, member.role_name, sent - asked, True)
+                    metrics.reset(member.label, elided)
+                else:
+                    metrics.served(member.label, member.role_name, now - sent, now,
+                                   sent - asked, elided)
             await self.release(member, connection, reset, quiet=True)
             return result
 

@@ -186,6 +186,8 @@ class Membership:
                 attempts.append((member.instance.label, describe_error(result)))
                 logger.warning("instance %s unavailable at start: %s",
                                member.instance.label, describe_error(result))
+        if self.closing:  # closed or terminated while starting: not the cluster's fault
+            raise PoolClosedError("the pool was closed while starting")
         if members and len(attempts) == len(members):
             raise NoAvailableInstanceError("no instance of the cluster is reachable", attempts)
 

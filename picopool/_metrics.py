@@ -200,6 +200,40 @@ class Metrics:
         if outcome in LOST_OUTCOMES:
             metrics.connections_lost += 1
 
+    def served(self, label: str, role: str, duration: float, now: float, waited: float,
+               elided: bool) -> None:
+        """A pool-level statement succeeded: :meth:`statement`, :meth:`acquired` and
+        :meth:`reset` of a first attempt in one call (the executor's hot path)."""
+        metrics = self.instances.get(label) or self.instance(label)
+        metrics.role = role
+        key = (role, "ok")
+        statements = metrics.statements
+        statements[key] = statements.get(key, 0) + 1
+        histogram = metrics.durations.get(role)
+        if histogram is None:
+            histogram = metrics.durations[role] = Histogram()
+        histogram.observe(duration)
+        metrics.window.add(now, duration)
+        histogram = metrics.acquire_wait.get(role)
+        if histogram is None:
+            histogram = metrics.acquire_wait[role] = Histogram()
+        histogram.observe(waited)
+        if waited > metrics.acquire_wait_max:
+            metrics.acquire_wait_max = waited
+            if waited >= 0.001:
+                self._sample_waiters()
+        elif waited >= 0.001:
+            self._sample_waiters()
+        if elided:
+            metrics.resets_elided += 1
+        else:
+            metrics.resets_performed += 1
+
+    def _sample_waiters(self) -> None:
+        waiting = self._waiting() + 1  # it queued: sample how many queue now (it was one)
+        if waiting > self.waiters_max:
+            self.waiters_max = waiting
+
     def _retry_bookkeeping(self, outcome: str, attempt: int) -> None:
         task = asyncio.current_task()
         if task is None:
@@ -223,10 +257,8 @@ class Metrics:
             metrics.acquire_wait_max = waited
         if not ok:
             metrics.acquire_failures += 1
-        if waited >= 0.001:  # it queued: sample how many queue now (it was one of them)
-            waiting = self._waiting() + 1
-            if waiting > self.waiters_max:
-                self.waiters_max = waiting
+        if waited >= 0.001:
+            self._sample_waiters()
 
     def reset(self, label: str, elided: bool) -> None:
         metrics = self.instances.get(label) or self.instance(label)

@@ -24,8 +24,10 @@ from picopool._routing import (
 )
 from picopool._sql import classify, format_hint, parse_hint
 
-ROLES = list(RoleRequest)
-ROLE_NAMES = [r.value for r in RoleRequest]
+# The roles a user names (role=, hints); SPILL is what read_write_split="prefer_replicas"
+# asks for internally.
+ROLES = [r for r in RoleRequest if r is not RoleRequest.SPILL]
+ROLE_NAMES = [r.value for r in ROLES]
 
 READS = [
     "select 1",
