@@ -128,12 +128,29 @@ async def backends(cluster: LocalCluster) -> list[int]:
     return counts
 
 
+async def replicated(cluster: LocalCluster, query: str, expected: int) -> None:
+    """Wait until every replica answers *query* with *expected* (asynchronous replication:
+    a new session's reads go to a replica, which may not have replayed the rows yet)."""
+    for replica in cluster.replicas:
+        con = await asyncpg.connect(replica.dsn)
+        try:
+            for _ in range(200):
+                if await con.fetchval(query) == expected:
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError(f"{replica} never replayed: {query}")
+        finally:
+            await con.close()
+
+
 async def test_connections_go_back_to_picopool(
     engines: Engines, sa_pool: picopool.Pool, cluster: LocalCluster,
 ) -> None:
     Session = sessionmaker(engines)
     async with Session() as session, session.begin():
         session.add_all(Item(id=i, name=f"item {i}") for i in range(10, 20))
+    await replicated(cluster, f"select count(*) from {Item.__tablename__} where id >= 10", 10)
     before = await backends(cluster)
 
     async def work(i: int) -> None:
