@@ -82,6 +82,13 @@ def service(web_cluster: LocalCluster,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     running = Service(web_cluster, tmp_path_factory.mktemp("uvicorn") / "log")
     try:
+        # The app creates its tables on the primary at start; replicas replay them late
+        # (300 ms apply delay): reads must not reach a replica that has no table yet.
+        for replica in web_cluster.replicas:
+            deadline = time.monotonic() + 30
+            while replica.sql("select to_regclass('items') is not null") != "t":
+                assert time.monotonic() < deadline, "the schema never reached a replica"
+                time.sleep(0.05)
         yield running
     finally:
         code = running.stop()
