@@ -5,9 +5,9 @@
 One local PostgreSQL instance, three picopool pools over it, measured side by side in
 interleaved rounds (benchlib):
 
-* ``bare``         no listener at all (the default metrics listener removed): the
-                   execution path builds no event
-* ``default``      picopool's default: the metrics listener that stats() reads
+* ``bare``         the pool's own metrics switched off (what stats() reads, fed by the
+                   executor directly): the execution path records nothing
+* ``default``      picopool's default: the metrics that stats() reads
 * ``prometheus``   the default plus ``picopool.prometheus.register()``, its registry
                    rendered (as a scrape would) every second by a thread
 
@@ -42,7 +42,9 @@ async def run(seconds: float, rounds: int, concurrency: int) -> None:
         pools = {name: await picopool.create_pool(dsn, discovery=Static(), min_size=size,
                                                   max_size=size)
                  for name in ("bare", "default", "prometheus")}
-        pools["bare"].remove_event_listener(pools["bare"]._metrics)
+        bare = pools["bare"]
+        bare._executor.metrics = None
+        bare._membership.events.sink = None
         registry = CollectorRegistry()
         picopool.prometheus.register(pools["prometheus"], registry)
         scrapes = 0

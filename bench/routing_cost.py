@@ -43,6 +43,12 @@ class _Connection:
     def is_closed(self) -> bool:
         return False
 
+    def _on_release(self) -> None:
+        return None
+
+    def terminate(self) -> None:
+        return None
+
     def get_server_pid(self) -> int:
         return 0
 
