@@ -21,69 +21,14 @@ import argparse
 import asyncio
 import random
 import time
-from typing import Any
 
-from benchlib import ratios, spread
+from benchlib import StandInSubPool, ratios, spread
 
 import picopool
 from picopool.cluster import LocalCluster
 from picopool.discovery import Static
 
 QUERY = "SELECT 1"
-
-
-class _Protocol:
-    def _is_cancelling(self) -> bool:
-        return False
-
-
-class _Connection:
-    _protocol = _Protocol()
-
-    async def fetchval(self, query: str, *args: Any, column: int = 0,
-                       timeout: float | None = None) -> int:
-        return 1
-
-    async def reset(self, *, timeout: float | None = None) -> None:
-        return None
-
-    def is_closed(self) -> bool:
-        return False
-
-    def get_server_pid(self) -> int:
-        return 0
-
-
-class _Proxy:
-    def __init__(self) -> None:
-        self._con = _Connection()
-
-
-class _SubPool:
-    _initialized = True
-    _initializing = False
-    _closed = False
-
-    def __init__(self) -> None:
-        self._proxy = _Proxy()
-
-    async def acquire(self, timeout: float | None = None) -> _Proxy:
-        return self._proxy
-
-    async def release(self, connection: _Proxy, timeout: float | None = None) -> None:
-        return None
-
-    def is_closing(self) -> bool:
-        return False
-
-    def get_max_size(self) -> int:
-        return 1
-
-    def get_idle_size(self) -> int:
-        return 1
-
-    def get_size(self) -> int:
-        return 1
 
 
 async def _per_call(pool: picopool.Pool, calls: int) -> float:
@@ -100,7 +45,7 @@ async def cache_hit_cost(cluster: LocalCluster, rounds: int, calls: int) -> None
             cluster.primary.dsn, discovery=Static(), min_size=1, max_size=1,
             topology_refresh_interval=None, health_check_interval=None, cache=cache)
         for member in pool._membership.members.values():
-            member.pool = _SubPool()
+            member.pool = StandInSubPool()
         pools[name] = pool
     try:
         figures: dict[str, list[float]] = {name: [] for name in pools}

@@ -18,73 +18,13 @@ import asyncio
 import time
 from typing import Any
 
+from benchlib import StandInSubPool
+
 import picopool
 from picopool.cluster import LocalCluster
 from picopool.discovery import Static
 
 QUERY = "SELECT $1::int"
-
-
-class _Protocol:
-    def _is_cancelling(self) -> bool:
-        return False
-
-
-class _Connection:
-    _protocol = _Protocol()
-
-    async def fetchval(self, query: str, *args: Any, column: int = 0,
-                       timeout: float | None = None) -> int:
-        return 1
-
-    async def reset(self, *, timeout: float | None = None) -> None:
-        return None
-
-    def is_closed(self) -> bool:
-        return False
-
-    def _on_release(self) -> None:
-        return None
-
-    def terminate(self) -> None:
-        return None
-
-    def get_server_pid(self) -> int:
-        return 0
-
-
-class _Proxy:
-    def __init__(self) -> None:
-        self._con = _Connection()
-
-
-class _SubPool:
-    """Just enough of asyncpg.Pool for picopool's fast path."""
-
-    _initialized = True
-    _initializing = False
-    _closed = False
-
-    def __init__(self) -> None:
-        self._proxy = _Proxy()
-
-    async def acquire(self, timeout: float | None = None) -> _Proxy:
-        return self._proxy
-
-    async def release(self, connection: _Proxy, timeout: float | None = None) -> None:
-        return None
-
-    def is_closing(self) -> bool:
-        return False
-
-    def get_max_size(self) -> int:
-        return 1
-
-    def get_idle_size(self) -> int:
-        return 1
-
-    def get_size(self) -> int:
-        return 1
 
 
 async def per_call(calls: int, step: Any) -> float:
@@ -110,7 +50,7 @@ async def measure(cluster: LocalCluster, calls: int, rounds: int, elide: bool) -
     pool = await picopool.create_pool(
         cluster.primary.dsn, discovery=Static(), min_size=1, max_size=1,
         elide_reset=elide, topology_refresh_interval=None, health_check_interval=None)
-    stand_in = _SubPool()
+    stand_in = StandInSubPool()
     members = list(pool._membership.members.values())
     real = [m.pool for m in members]
     for member in members:

@@ -187,14 +187,7 @@ class Metrics:
         """One attempt of a pool-level statement ended (*now*: a monotonic time)."""
         metrics = self.instances.get(label) or self.instance(label)
         metrics.role = role
-        key = (role, outcome)
-        statements = metrics.statements
-        statements[key] = statements.get(key, 0) + 1
-        histogram = metrics.durations.get(role)
-        if histogram is None:
-            histogram = metrics.durations[role] = Histogram()
-        histogram.observe(duration)
-        metrics.window.add(now, duration)
+        _count_statement(metrics, role, outcome, duration, now)
         if attempt or outcome != "ok":
             self._retry_bookkeeping(outcome, attempt)
         if outcome in LOST_OUTCOMES:
@@ -206,23 +199,8 @@ class Metrics:
         :meth:`reset` of a first attempt in one call (the executor's hot path)."""
         metrics = self.instances.get(label) or self.instance(label)
         metrics.role = role
-        key = (role, "ok")
-        statements = metrics.statements
-        statements[key] = statements.get(key, 0) + 1
-        histogram = metrics.durations.get(role)
-        if histogram is None:
-            histogram = metrics.durations[role] = Histogram()
-        histogram.observe(duration)
-        metrics.window.add(now, duration)
-        histogram = metrics.acquire_wait.get(role)
-        if histogram is None:
-            histogram = metrics.acquire_wait[role] = Histogram()
-        histogram.observe(waited)
-        if waited > metrics.acquire_wait_max:
-            metrics.acquire_wait_max = waited
-            if waited >= 0.001:
-                self._sample_waiters()
-        elif waited >= 0.001:
+        _count_statement(metrics, role, "ok", duration, now)
+        if _count_wait(metrics, role, waited):
             self._sample_waiters()
         if elided:
             metrics.resets_elided += 1
@@ -249,15 +227,9 @@ class Metrics:
         """A checkout from *label*'s sub-pool ended after *waited* seconds."""
         metrics = self.instances.get(label) or self.instance(label)
         metrics.role = role
-        histogram = metrics.acquire_wait.get(role)
-        if histogram is None:
-            histogram = metrics.acquire_wait[role] = Histogram()
-        histogram.observe(waited)
-        if waited > metrics.acquire_wait_max:
-            metrics.acquire_wait_max = waited
         if not ok:
             metrics.acquire_failures += 1
-        if waited >= 0.001:
+        if _count_wait(metrics, role, waited):
             self._sample_waiters()
 
     def reset(self, label: str, elided: bool) -> None:
@@ -296,3 +268,26 @@ class Metrics:
 
     def _refresh_failed(self, event: RefreshFailed) -> None:
         self.refresh_failures += 1
+
+
+def _count_statement(metrics: InstanceMetrics, role: str, outcome: str, duration: float,
+                     now: float) -> None:
+    key = (role, outcome)
+    statements = metrics.statements
+    statements[key] = statements.get(key, 0) + 1
+    histogram = metrics.durations.get(role)
+    if histogram is None:
+        histogram = metrics.durations[role] = Histogram()
+    histogram.observe(duration)
+    metrics.window.add(now, duration)
+
+
+def _count_wait(metrics: InstanceMetrics, role: str, waited: float) -> bool:
+    """Count one checkout's wait; whether it queued (then the caller samples waiters)."""
+    histogram = metrics.acquire_wait.get(role)
+    if histogram is None:
+        histogram = metrics.acquire_wait[role] = Histogram()
+    histogram.observe(waited)
+    if waited > metrics.acquire_wait_max:
+        metrics.acquire_wait_max = waited
+    return waited >= 0.001
