@@ -138,7 +138,6 @@ class Membership:
         # Primaries that refused a write as read-only and that a refresh still named as
         # the primary: their 25006 is the user's (a frozen role), until this time.
         self._read_only_primary: dict[str, float] = {}
-        self.demand_refreshes = 0  # refreshes that errors or waiting requests asked for
         self._liveness: dict[str, Any] = {}  # instance id -> the watch's own connection
         self.closing = False
         # max_lifetime: raw connection -> the (jittered) time to close it on release.
@@ -603,8 +602,6 @@ class Membership:
                 return
             before = self.topology
             try:
-                if asked:
-                    self.demand_refreshes += 1
                 await self.refresh()
                 failures = 0
             except asyncio.CancelledError:
