@@ -23,6 +23,7 @@ import contextvars
 import enum
 import logging
 import random
+import sys
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any
@@ -49,6 +50,18 @@ route_scope: contextvars.ContextVar[RoleRequest | None] = contextvars.ContextVar
     "picopool_route", default=None)
 causal_scope: contextvars.ContextVar[CausalScope | None] = contextvars.ContextVar(
     "picopool_causal", default=None)
+
+_now = time.monotonic
+
+if sys.version_info >= (3, 12):
+    _current_task: Callable[[], asyncio.Task[Any]] = asyncio.current_task  # type: ignore[assignment]
+else:  # asyncio.current_task is pure Python before 3.12: this is what it does
+    from asyncio.tasks import _current_tasks  # type: ignore[attr-defined]
+
+    def _current_task() -> asyncio.Task[Any]:
+        """The running task (statements always run in one)."""
+        task: asyncio.Task[Any] = _current_tasks.get(asyncio.get_running_loop())
+        return task
 
 _NOTHING_EXCLUDED: frozenset[str] = frozenset()
 _NEVER = float("inf")
@@ -130,6 +143,9 @@ class Executor:
         self._statement_timeout = statement_timeout
         self._run_hooks = statement_timeout is not None or rate_limit is not None
         self._max_lifetime = max_lifetime
+        # A connection released with no reset goes straight back to its sub-pool
+        # unless something else must happen on release.
+        self._lean_release = max_lifetime is None and self.admission is None
         self.lifetime_closed = 0  # connections closed on release for max_lifetime
 
     # -- deciding ------------------------------------------------------------------------
@@ -179,7 +195,7 @@ class Executor:
         if topology is None:
             return []
         members = membership.members
-        now = time.monotonic()
+        now = _now()
         demoted = membership.demoted
         check_lag = request is not RoleRequest.PRIMARY and (
             self._max_lag_bytes is not None or self._max_lag_seconds is not None)
@@ -215,7 +231,7 @@ class Executor:
         membership = self._membership
         if self._cache_epoch != membership.health_epoch or (
                 self._cache_valid_until is not _NEVER
-                and time.monotonic() >= self._cache_valid_until):
+                and _now() >= self._cache_valid_until):
             self._candidate_cache.clear()
             self._cache_epoch = membership.health_epoch
             self._cache_valid_until = min(
@@ -246,6 +262,16 @@ class Executor:
         self, request: RoleRequest, timeout: float | None, *,
         instance: str | None = None, only: Collection[str] | None = None,
     ) -> tuple[Member, Any]:
+        """Check out a connection that the caller holds (``Pool.acquire``): as
+        :meth:`checkout`, registered with the liveness watch while held."""
+        member, connection = await self.checkout(request, timeout, instance=instance, only=only)
+        member.inflight[connection] = _now()
+        return member, connection
+
+    async def checkout(
+        self, request: RoleRequest, timeout: float | None, *,
+        instance: str | None = None, only: Collection[str] | None = None,
+    ) -> tuple[Member, Any]:
         """Pick an instance and check a connection out of its sub-pool.
 
         Nothing has been sent when this fails, so moving to another instance (or
@@ -262,34 +288,50 @@ class Executor:
             if candidates:
                 member = self._membership.members[self._strategy.pick(candidates).instance.id]
                 if member.failures == 0 and member.ready:
-                    started = time.monotonic()
-                    task = asyncio.current_task()
-                    member.acquiring[task] = started  # type: ignore[index]
+                    acquiring = member.acquiring
+                    task = _current_task()
+                    acquiring[task] = started = _now()
                     try:
                         connection = await member.pool.acquire(timeout=timeout)
                     except (Exception, asyncio.CancelledError) as exc:
-                        member.acquiring.pop(task, None)  # type: ignore[arg-type]
-                        self._acquired(member, request, started, False)
-                        elapsed = time.monotonic() - started
-                        if timeout is not None:  # what is left of the caller's timeout
-                            timeout = max(0.001, timeout - elapsed)
-                        outcome = self._acquire_failed(member, exc, timeout, elapsed, None, {})
-                        if outcome is None:
-                            raise
-                        return await self._acquire_carefully(
-                            request, timeout, None, None, {member.instance.id})
-                    member.acquiring.pop(task, None)  # type: ignore[arg-type]
+                        acquiring.pop(task, None)
+                        return await self._checkout_failed(member, request, exc, started,
+                                                           timeout)
+                    del acquiring[task]
                     if self._events.on:
                         self._acquired(member, request, started, True)
-                    checked = await self._checked(member, connection)
-                    if checked is not None:
-                        return member, checked
-                    return await self._acquire_carefully(request, timeout, None, None, set())
+                    if self._check_idle_after is not None and self._idle_too_long(
+                            connection, started):
+                        return await self._checked_or_another(member, connection, request,
+                                                              timeout)
+                    return member, connection
                 # The strategy chose it: the careful path starts there (a half-open
                 # breaker's probe, or a sub-pool still to start).
                 return await self._acquire_carefully(request, timeout, None, None, set(),
                                                      member)
         return await self._acquire_carefully(request, timeout, instance, only, set())
+
+    async def _checkout_failed(self, member: Member, request: RoleRequest,
+                               exc: BaseException, started: float,
+                               timeout: float | None) -> tuple[Member, Any]:
+        """The fast path's checkout failed: raise *exc* if it is the caller's to
+        see, or go on with the careful path elsewhere."""
+        self._acquired(member, request, started, False)
+        elapsed = _now() - started
+        if timeout is not None:  # what is left of the caller's timeout
+            timeout = max(0.001, timeout - elapsed)
+        outcome = self._acquire_failed(member, exc, timeout, elapsed, None, {})
+        if outcome is None:
+            raise exc
+        return await self._acquire_carefully(request, timeout, None, None, {member.instance.id})
+
+    async def _checked_or_another(self, member: Member, connection: Any, request: RoleRequest,
+                                  timeout: float | None) -> tuple[Member, Any]:
+        """*connection* sat idle too long: ping it, or go on elsewhere if it is dead."""
+        checked = await self._checked(member, connection)
+        if checked is not None:
+            return member, checked
+        return await self._acquire_carefully(request, timeout, None, None, set())
 
     def _free_member(self, request: RoleRequest) -> Member | None:
         """A member that may serve *request* with a connection neither in use nor
@@ -310,25 +352,25 @@ class Executor:
         reservation on a member with a free connection, then check out from it."""
         if not self.cached_candidates(request):  # nothing can serve: wait for topology
             return await self._acquire_carefully(request, timeout, None, None, set())
-        started = time.monotonic()
+        started = _now()
         member = await admission.admit(request, timeout)
         if member is None:  # woken without a grant: the pool is closing
             self._check_open()
             return await self._acquire_carefully(request, timeout, None, None, set())
         if timeout is not None:
-            timeout = max(0.001, timeout - (time.monotonic() - started))
+            timeout = max(0.001, timeout - (_now() - started))
         checked: Any = None
         try:
             if member.failures == 0 and member.ready:  # lean, as the fast path
-                task = asyncio.current_task()
-                started = member.acquiring[task] = time.monotonic()
+                task = _current_task()
+                started = member.acquiring[task] = _now()
                 try:
                     connection = await member.pool.acquire(timeout=timeout)
                 except (Exception, asyncio.CancelledError) as exc:
                     member.acquiring.pop(task, None)
                     self._acquired(member, request, started, False)
                     outcome = self._acquire_failed(member, exc, timeout,
-                                                   time.monotonic() - started, None, {})
+                                                   _now() - started, None, {})
                     if outcome is None:
                         raise
                     return await self._acquire_carefully(
@@ -336,7 +378,9 @@ class Executor:
                 member.acquiring.pop(task, None)
                 if self._events.on:
                     self._acquired(member, request, started, True)
-                checked = await self._checked(member, connection)
+                checked = connection if self._check_idle_after is None or \
+                    not self._idle_too_long(connection, started) \
+                    else await self._checked(member, connection)
                 if checked is not None:
                     return member, checked
             checked = await self._acquire_carefully(request, timeout, None, None, set(), member)
@@ -389,15 +433,15 @@ class Executor:
                     continue
                 member.probing = True
             wait = max(deadline - loop.time(), 0.001)
-            task = asyncio.current_task()
+            task = _current_task()
             started = loop.time()
-            started_at = member.acquiring[task] = time.monotonic()  # type: ignore[index]
+            started_at = member.acquiring[task] = _now()
             try:
                 pool = member.pool if member.ready else await asyncio.wait_for(
                     member.ensure_ready(), wait)  # shielded inside: only our wait ends
                 connection = await pool.acquire(timeout=max(deadline - loop.time(), 0.001))
             except (Exception, asyncio.CancelledError) as exc:
-                member.acquiring.pop(task, None)  # type: ignore[arg-type]
+                member.acquiring.pop(task, None)
                 member.probing = False
                 self._acquired(member, request, started_at, False)
                 outcome = self._acquire_failed(member, exc, timeout, loop.time() - started,
@@ -412,11 +456,13 @@ class Executor:
                     raise
                 excluded.add(member.instance.id)
                 continue
-            member.acquiring.pop(task, None)  # type: ignore[arg-type]
+            member.acquiring.pop(task, None)
             member.probing = False
             if self._events.on:
                 self._acquired(member, request, started_at, True)
-            checked = await self._checked(member, connection)
+            checked = connection if self._check_idle_after is None or \
+                not self._idle_too_long(connection, started_at) \
+                else await self._checked(member, connection)
             if checked is None:
                 attempts[member.instance.label] = "a dead idle connection"
                 excluded.add(member.instance.id)
@@ -431,7 +477,7 @@ class Executor:
                         elapsed: float, wait: float | None,
                         attempts: dict[str, str]) -> Outcome | None:
         """Settle a failed checkout: the outcome to move on with, or None to raise *exc*."""
-        task = asyncio.current_task()
+        task = _current_task()
         if isinstance(exc, asyncio.CancelledError):
             if task is None or task not in member.interrupted:
                 return None  # the caller's cancellation
@@ -461,7 +507,7 @@ class Executor:
                   ok: bool) -> None:
         """A checkout ended: a failed one is counted here; a successful one by the
         caller (the statement, or Pool.acquire), and told to listeners here."""
-        waited = time.monotonic() - started
+        waited = _now() - started
         if not ok and self.metrics is not None:
             self.metrics.acquired(member.label, member.role_name, waited, False)
         if self._events.on:
@@ -475,24 +521,22 @@ class Executor:
             instance=member.label, role=member.role_name,
             request=decision.request.value,
             reason=decision.reason, method=method, query=decision.query, args=args,
-            outcome=outcome, duration=time.monotonic() - sent, attempt=attempt))
+            outcome=outcome, duration=_now() - sent, attempt=attempt))
 
     def _exhausted(self, member: Member) -> bool:
         """Every connection of *member*'s sub-pool is checked out."""
         return member.ready and member.in_use() >= self._max_size
 
+    def _idle_too_long(self, connection: Any, now: float) -> bool:
+        """Whether *connection* sat idle past the health-check interval (checked
+        on checkout: a connection that died idle is found before it is used)."""
+        last = self._membership.last_used.get(connection._con)
+        return last is not None and now - last >= self._check_idle_after  # type: ignore[operator]
+
     async def _checked(self, member: Member, connection: Any) -> Any:
-        """*connection*, pinged first if it sat idle past the health-check interval;
-        None (and the connection terminated and returned) if it is dead."""
+        """*connection*, pinged first; None (and the connection terminated and
+        returned) if it is dead."""
         raw = connection._con
-        now = time.monotonic()
-        member.inflight[connection] = now
-        after = self._check_idle_after
-        if after is None:
-            return connection
-        last = member.last_used.get(raw)
-        if last is None or now - last < after:
-            return connection
         try:
             await raw.fetchval("SELECT 1", timeout=self._check_timeout)
         except (Exception, asyncio.CancelledError) as exc:
@@ -534,11 +578,13 @@ class Executor:
 
     async def acquire_routed(self, request: RoleRequest,
                              timeout: float | None) -> tuple[Member, Any]:
-        """Check out a connection for *request*, honouring read-your-writes."""
+        """Check out a connection for the caller to hold, honouring read-your-writes."""
         lsn = self.causal_lsn(request)
-        if lsn:
-            return await self.acquire_caught_up(request, lsn)
-        return await self.acquire(request, timeout)
+        if not lsn:
+            return await self.acquire(request, timeout)
+        member, connection = await self.acquire_caught_up(request, lsn)
+        member.inflight[connection] = _now()
+        return member, connection
 
     async def acquire_caught_up(self, request: RoleRequest, lsn: int) -> tuple[Member, Any]:
         """A connection to an instance that has replayed up to *lsn*.
@@ -551,17 +597,17 @@ class Executor:
         """
         if not self.cached_candidates(RoleRequest.REPLICA):
             # No replica can serve now: don't wait for one (nor ask for refreshes).
-            return await self.acquire(RoleRequest.PRIMARY, None)
+            return await self.checkout(RoleRequest.PRIMARY, None)
         caught_up = [i for i, position in self._membership.replay_lsn.items()
                      if position >= lsn]
         if caught_up:
             try:
-                return await self.acquire(RoleRequest.REPLICA, 0.05, only=caught_up)
+                return await self.checkout(RoleRequest.REPLICA, 0.05, only=caught_up)
             except (NoAvailableInstanceError, TimeoutError):
                 pass
         if self._causal_wait > 0:
             try:
-                member, connection = await self.acquire(RoleRequest.REPLICA, 0.05)
+                member, connection = await self.checkout(RoleRequest.REPLICA, 0.05)
             except (NoAvailableInstanceError, TimeoutError):
                 pass  # no replica free now: the primary always has the write
             else:
@@ -573,7 +619,7 @@ class Executor:
                 if caught:
                     return member, connection
                 await self.release(member, connection, Reset.NONE, quiet=True)
-        return await self.acquire(RoleRequest.PRIMARY, None)
+        return await self.checkout(RoleRequest.PRIMARY, None)
 
     async def _wait_replayed(self, member: Member, connection: Any, lsn: int) -> bool:
         loop = asyncio.get_running_loop()
@@ -638,36 +684,33 @@ class Executor:
         attempt = 0
         failures: list[tuple[str, str]] = []
         while True:
+            asked = _now()
             if causal_lsn:
-                asked = time.monotonic()
                 member, connection = await self.acquire_caught_up(decision.request, causal_lsn)
             else:
-                asked = time.monotonic()
-                member, connection = await self.acquire(
+                member, connection = await self.checkout(
                     decision.request, None, instance=decision.instance)
             running = member.running
-            running[connection] = sent = time.monotonic()
+            running[connection] = sent = _now()
             try:
                 # The raw connection: we hold the proxy, so skip its per-call checks.
                 result = await getattr(connection._con, method)(
                     decision.query, *positional, **kwargs)
-                now = time.monotonic()
-                del running[connection]
+                now = _now()
                 member.record_rtt(sent, now)
                 if tracks_writes and self._may_have_written(decision, member):
                     await self.record_write_position(connection._con, scope)
+                del running[connection]
             except (Exception, asyncio.CancelledError) as exc:
                 running.pop(connection, None)
+                failure = "caller-timeout" if isinstance(exc, asyncio.CancelledError) \
+                    else classify_failure(exc, Phase.RUN).value
                 if self.metrics is not None:
-                    now = time.monotonic()
-                    self.metrics.statement(
-                        member.label, member.role_name,
-                        "caller-timeout" if isinstance(exc, asyncio.CancelledError)
-                        else classify_failure(exc, Phase.RUN).value, now - sent, attempt, now)
+                    now = _now()
+                    self.metrics.statement(member.label, member.role_name, failure,
+                                           now - sent, attempt, now)
                 if self._events.on:
-                    self._finished(member, decision, method, positional,
-                                   "caller-timeout" if isinstance(exc, asyncio.CancelledError)
-                                   else classify_failure(exc, Phase.RUN).value, sent, attempt)
+                    self._finished(member, decision, method, positional, failure, sent, attempt)
                 outcome = await self._failed(member, connection, exc)
                 if outcome.may_have_run and outcome.retryable:
                     await self._learn_functions(decision)
@@ -684,15 +727,14 @@ class Executor:
                 await asyncio.sleep(min(1.0, 0.05 * 2 ** attempt) * random.uniform(0.5, 1.5))
                 continue
             member.served += 1
-            if self._events.on:
+            events_on = self._events.on
+            if events_on:
                 self._finished(member, decision, method, positional, "ok", sent, attempt)
-            if decision.elide_reset and self._elision_allowed and self._membership.elision_safe:
-                reset = Reset.NONE
-            else:
-                reset = Reset.DEEP if decision.leaves_session_state else Reset.FULL
+            elide = decision.elide_reset and self._elision_allowed \
+                and self._membership.elision_safe
             metrics = self.metrics
             if metrics is not None:
-                elided = reset is Reset.NONE or not self._membership.picopool_resets
+                elided = elide or not self._membership.picopool_resets
                 if attempt:
                     metrics.statement(member.label, member.role_name, "ok", now - sent,
                                       attempt, now)
@@ -701,7 +743,18 @@ class Executor:
                 else:
                     metrics.served(member.label, member.role_name, now - sent, now,
                                    sent - asked, elided)
-            await self.release(member, connection, reset, quiet=True)
+            if elide and self._lean_release and not events_on:
+                # Nothing to run on it, nothing to tell: straight back to its sub-pool.
+                if self._check_idle_after is not None:
+                    self._membership.last_used[connection._con] = now
+                try:
+                    await member.release(connection)
+                except Exception as exc:  # the statement's result stands
+                    logger.debug("release: %s", describe_error(exc))
+                return result
+            await self.release(member, connection,
+                               Reset.NONE if elide else Reset.DEEP
+                               if decision.leaves_session_state else Reset.FULL, quiet=True)
             return result
 
     async def _failed(self, member: Member, connection: Any, exc: BaseException) -> Outcome:
@@ -777,6 +830,7 @@ class Executor:
         result stands); a cancellation is always raised.
         """
         member.inflight.pop(connection, None)
+        member.running.pop(connection, None)
         raw = connection._con
         if raw is None:
             if self.admission is not None:
@@ -790,7 +844,7 @@ class Executor:
                 instance=member.label,
                 elided=reset is Reset.NONE or not self._membership.picopool_resets))
         if self._check_idle_after is not None:
-            member.last_used[raw] = time.monotonic()
+            self._membership.last_used[raw] = _now()
         if reset is not Reset.NONE and self._membership.picopool_resets \
                 and not raw.is_closed():
             try:
@@ -809,7 +863,7 @@ class Executor:
                     return
                 raise
         try:
-            await member.pool.release(connection, timeout=timeout)
+            await member.release(connection, timeout)
         except (Exception, asyncio.CancelledError) as exc:
             if not quiet or isinstance(exc, asyncio.CancelledError):
                 raise
@@ -821,7 +875,7 @@ class Executor:
     def _expired(self, raw: Any) -> bool:
         """Whether *raw* has outlived ``max_lifetime`` (its jittered deadline)."""
         deadline = self._membership.expires.get(raw)
-        return deadline is not None and time.monotonic() >= deadline
+        return deadline is not None and _now() >= deadline
 
     async def _close_expired(self, member: Member, connection: Any, raw: Any,
                              timeout: float | None) -> None:
@@ -866,7 +920,7 @@ async def _reset(raw: Any, reset: Reset, timeout: float | None) -> None:
 async def _release_closed(member: Member, connection: Any) -> None:
     """Give a terminated connection's holder back (asyncpg usually already has)."""
     try:
-        await member.pool.release(connection)
+        await member.release(connection)
     except Exception as exc:
         logger.debug("release after a failed reset: %s", describe_error(exc))
 

@@ -6,9 +6,9 @@ import asyncio
 import contextlib
 import random
 import time
-import weakref
 from typing import Any
 
+from ._eager import shielded
 from ._errors import PoolClosedError
 from ._outcome import is_connection_error, rejected_before_sending
 from ._topology import Instance
@@ -35,7 +35,6 @@ class Member:
         "interrupted",
         "label",
         "last_error",
-        "last_used",
         "open_until",
         "pool",
         "probing",
@@ -60,16 +59,14 @@ class Member:
         self.last_error: str | None = None
         self.open_until = 0.0  # monotonic time before which the breaker is open
         self.probing = False  # a half-open breaker lets one request through at a time
-        # Work on this instance now, for the liveness watch: checked-out connection
-        # (asyncpg's proxy) -> when it was checked out; task -> when it began to acquire.
+        # Work on this instance now, for the liveness watch: a connection the user
+        # holds (asyncpg's proxy) -> when it was checked out; a pool-level
+        # statement's connection -> when it was sent; a task -> when it began to
+        # acquire.
         self.inflight: dict[Any, float] = {}
-        # Pool-level statements on the wire now: connection -> when it was sent.
         self.running: dict[Any, float] = {}
         self.acquiring: dict[asyncio.Task[Any], float] = {}
         self.interrupted: set[asyncio.Task[Any]] = set()  # acquirers cut off by the watch
-        # Raw connection -> when it was last released (the checkout check pings
-        # one idle for longer than the health-check interval).
-        self.last_used: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
         self.unresponsive = False  # the liveness watch got no answer: no traffic until one
         # Connections promised to granted waiters (max_waiting=): counted as in use.
         self.reserved = 0
@@ -117,6 +114,19 @@ class Member:
             if self.pool is pool:
                 self.pool = None  # asyncpg marks a pool whose init failed as closed
             raise
+
+    async def release(self, connection: Any, timeout: float | None = None) -> None:
+        """Give a checked-out connection back to its sub-pool: asyncpg's
+        ``Pool.release``, with its shield made only if the release has to wait
+        (a query to run, a cancellation to finish, a connection to close); see
+        :mod:`picopool._eager`."""
+        raw = connection._con
+        if raw is None:
+            return  # released already (asyncpg releases a connection it terminates)
+        holder = connection._holder
+        holder._pool._check_init()  # a closed sub-pool raises, as asyncpg's release does
+        raw._on_release()
+        await shielded(holder.release(holder._timeout if timeout is None else timeout))
 
     def record_rtt(self, sent: float, now: float) -> None:
         """Fold one statement's round trip (sent at *sent*, answered at *now*) into ``rtt``."""
@@ -195,7 +205,7 @@ class Member:
         if pool is not None and not pool._initializing:
             with contextlib.suppress(Exception):  # never stop the caller's loop over members
                 pool.terminate()
-        for connection in list(self.inflight):
+        for connection in [*self.inflight, *self.running]:
             if connection._con is not None:
                 connection._con.terminate()
 

@@ -143,6 +143,9 @@ class Membership:
         # max_lifetime: raw connection -> the (jittered) time to close it on release.
         self._max_lifetime = max_lifetime
         self.expires: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+        # Raw connection -> when it was last released (the checkout check pings one
+        # idle for longer than the health-check interval); dropped when it closes.
+        self.last_used: dict[Any, float] = {}
         # Readiness: new and recovering instances get no traffic until confirmed.
         self.readiness_check = readiness_check
 
@@ -494,8 +497,10 @@ class Membership:
         events = self.events
         lifetime, expires = self._max_lifetime, self.expires
         quiet = self.quiet
+        last_used = self.last_used
 
         def closed(connection: Any) -> None:
+            last_used.pop(connection, None)
             events.emit(ConnectionClosed(label, lost=False))
 
         async def init(connection: Any) -> None:
@@ -638,7 +643,7 @@ class Membership:
             suspects = [
                 m for m in self.members.values()
                 if everyone or m.unresponsive or _stalled(m.inflight.values(), now)
-                or _stalled(m.acquiring.values(), now)
+                or _stalled(m.running.values(), now) or _stalled(m.acquiring.values(), now)
             ]
             if suspects:
                 await asyncio.gather(*(self._check_alive(m) for m in suspects))
@@ -711,8 +716,8 @@ class Membership:
                                             describe_error(exc)))
         logger.warning("instance %s does not answer (%s): no traffic until it does; "
                        "cutting %d connections in use and %d waiting checkouts",
-                       member.instance.label, describe_error(exc), len(member.inflight),
-                       len(member.acquiring))
+                       member.instance.label, describe_error(exc),
+                       len(member.inflight) + len(member.running), len(member.acquiring))
         self.note_failure(member, exc)
         for task in list(member.acquiring):
             member.interrupted.add(task)

@@ -1,23 +1,31 @@
-"""The pool's own metrics: a listener on the instrumentation seam.
+"""The pool's own metrics: fed by the executor, and a listener on the seam.
 
-Every pool installs one :class:`Metrics` listener. It keeps, per instance, the
-counters and duration histograms that ``stats()``, Prometheus and OpenTelemetry
-report, and a sliding window of statement durations for percentiles. Its work per
-event is a dict lookup, a few integer increments and one bisect: about a
-microsecond, next to the 80-240 µs of client CPU an asyncpg round trip costs
-(``bench/overhead.py --metrics``).
+Every pool keeps one :class:`Metrics`. It holds, per instance, the counters and
+duration histograms that ``stats()``, Prometheus and OpenTelemetry report, and a
+sliding window of statement durations for percentiles.
 
-The window and the percentiles are pure (:class:`SlidingWindow`,
-:func:`percentiles`) and tested with hypothesis.
+A statement that succeeds at its first attempt (nearly all of them) costs one
+tuple appended to its instance's ``pending`` deque: :meth:`Metrics.served`. The
+deque is folded into the counters, histograms and window in batches
+(:meth:`InstanceMetrics.fold`: a sort and a bisect per bucket, not per value),
+every ``FOLD_AT`` statements and before anything is read. Readers may run in
+another thread (a Prometheus scrape, an OpenTelemetry export): folding, every
+other change to the histograms and window, and reading them hold
+:attr:`Metrics.lock`; appending to a deque and taking from its other end are
+atomic, so the hot path takes no lock.
+
+The window, the histograms and the percentiles are pure (:class:`SlidingWindow`,
+:class:`Histogram`, :func:`percentiles`) and tested with hypothesis.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+import threading
 import time
 import weakref
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -43,6 +51,9 @@ DURATION_BUCKETS: tuple[float, ...] = (
 WINDOW_SECONDS = 60.0
 WINDOW_SAMPLES = 2048
 
+#: Successful statements kept unfolded per instance before a fold.
+FOLD_AT = 256
+
 #: Outcomes that mean the statement's connection broke under it.
 LOST_OUTCOMES = frozenset({"lost-idle", "lost-in-flight", "unresponsive"})
 
@@ -61,6 +72,10 @@ class SlidingWindow:
 
     def add(self, at: float, value: float) -> None:
         self._samples.append((at, value))
+
+    def extend(self, samples: Iterable[tuple[float, float]]) -> None:
+        """Add ``(at, value)`` pairs, oldest first."""
+        self._samples.extend(samples)
 
     def values(self, now: float) -> list[float]:
         samples = self._samples
@@ -95,6 +110,19 @@ class Histogram:
         self.count += 1
         self.sum += value
 
+    def observe_many(self, values: Sequence[float]) -> None:
+        """:meth:`observe` each of *values*: one sort and a bisect per bucket."""
+        ordered = sorted(values)
+        buckets = self.buckets
+        below = 0  # values <= the previous bound
+        for index, bound in enumerate(DURATION_BUCKETS):
+            upto = bisect_right(ordered, bound, below)
+            buckets[index] += upto - below
+            below = upto
+        buckets[-1] += len(ordered) - below
+        self.count += len(ordered)
+        self.sum += sum(ordered)
+
     def cumulative(self) -> list[tuple[float, int]]:
         """``(le, count of values <= le)`` for every bound and +Inf, as Prometheus wants."""
         total = 0
@@ -109,7 +137,7 @@ class InstanceMetrics:
     """What one instance's events added up to, since the pool started."""
 
     __slots__ = ("acquire_failures", "acquire_wait", "acquire_wait_max", "connections_closed",
-                 "connections_lost", "connections_opened", "durations", "label",
+                 "connections_lost", "connections_opened", "durations", "label", "pending",
                  "resets_elided", "resets_performed", "role", "statements", "window")
 
     def __init__(self, label: str) -> None:
@@ -126,6 +154,49 @@ class InstanceMetrics:
         self.connections_lost = 0
         self.resets_elided = 0
         self.resets_performed = 0
+        # First-attempt successes not folded yet: (role, at, duration, waited, elided).
+        self.pending: deque[tuple[str, float, float, float, bool]] = deque()
+
+    def fold(self) -> None:
+        """Add the pending successes to the counters, histograms and window
+        (the caller holds :attr:`Metrics.lock`)."""
+        queued = self.pending
+        if not queued:
+            return
+        take = queued.popleft  # appends go on at the other end meanwhile
+        pending = [take() for _ in range(len(queued))]
+        start = 0
+        while start < len(pending):  # one run per role (a role changes at a failover)
+            role = pending[start][0]
+            end = start + 1
+            while end < len(pending) and pending[end][0] == role:
+                end += 1
+            self._fold_role(role, pending[start:end] if start or end < len(pending)
+                            else pending)
+            start = end
+
+    def _fold_role(self, role: str, samples: list[tuple[str, float, float, float, bool]]
+                   ) -> None:
+        _, ats, durations, waits, elided = zip(*samples, strict=True)
+        count = len(samples)
+        self.role = role
+        key = (role, "ok")
+        self.statements[key] = self.statements.get(key, 0) + count
+        histogram = self.durations.get(role)
+        if histogram is None:
+            histogram = self.durations[role] = Histogram()
+        histogram.observe_many(durations)
+        self.window.extend(zip(ats, durations, strict=True))
+        histogram = self.acquire_wait.get(role)
+        if histogram is None:
+            histogram = self.acquire_wait[role] = Histogram()
+        histogram.observe_many(waits)
+        longest = max(waits)
+        if longest > self.acquire_wait_max:
+            self.acquire_wait_max = longest
+        skipped = sum(elided)
+        self.resets_elided += skipped
+        self.resets_performed += count - skipped
 
     def latency(self, now: float) -> tuple[float | None, float | None, float | None, int]:
         """p50, p95, p99 of the window's statement durations, and how many there are."""
@@ -143,7 +214,7 @@ class Metrics:
     """
 
     __slots__ = ("__weakref__", "_dispatch", "_failed", "_waiting", "breakers",
-                 "instances", "refresh_failures", "retries", "topology_changes",
+                 "instances", "lock", "refresh_failures", "retries", "topology_changes",
                  "waiters_max")
 
     def __init__(self, waiting: Callable[[], int] = lambda: 0) -> None:
@@ -154,6 +225,8 @@ class Metrics:
         self.topology_changes = 0
         self.waiters_max = 0
         self._waiting = waiting
+        # Held to fold, to change the histograms and windows, and to read them.
+        self.lock = threading.RLock()
         # The outcome of a task's last failed attempt, until its retry reports.
         self._failed: weakref.WeakKeyDictionary[asyncio.Task[Any], str] = (
             weakref.WeakKeyDictionary())
@@ -186,8 +259,10 @@ class Metrics:
                   attempt: int, now: float) -> None:
         """One attempt of a pool-level statement ended (*now*: a monotonic time)."""
         metrics = self.instances.get(label) or self.instance(label)
-        metrics.role = role
-        _count_statement(metrics, role, outcome, duration, now)
+        with self.lock:
+            metrics.fold()  # keep the window in time order
+            metrics.role = role
+            _count_statement(metrics, role, outcome, duration, now)
         if attempt or outcome != "ok":
             self._retry_bookkeeping(outcome, attempt)
         if outcome in LOST_OUTCOMES:
@@ -195,17 +270,23 @@ class Metrics:
 
     def served(self, label: str, role: str, duration: float, now: float, waited: float,
                elided: bool) -> None:
-        """A pool-level statement succeeded: :meth:`statement`, :meth:`acquired` and
-        :meth:`reset` of a first attempt in one call (the executor's hot path)."""
+        """A pool-level statement succeeded at its first attempt: :meth:`statement`,
+        :meth:`acquired` and :meth:`reset` in one call, folded later (the
+        executor's hot path)."""
         metrics = self.instances.get(label) or self.instance(label)
-        metrics.role = role
-        _count_statement(metrics, role, "ok", duration, now)
-        if _count_wait(metrics, role, waited):
+        pending = metrics.pending
+        pending.append((role, now, duration, waited, elided))
+        if len(pending) >= FOLD_AT:
+            with self.lock:
+                metrics.fold()
+        if waited >= 0.001:  # it queued: sample the waiters now, not at the fold
             self._sample_waiters()
-        if elided:
-            metrics.resets_elided += 1
-        else:
-            metrics.resets_performed += 1
+
+    def fold(self) -> None:
+        """Fold every instance's pending successes (readers do, holding :attr:`lock`)."""
+        with self.lock:
+            for metrics in list(self.instances.values()):
+                metrics.fold()
 
     def _sample_waiters(self) -> None:
         waiting = self._waiting() + 1  # it queued: sample how many queue now (it was one)
@@ -226,18 +307,22 @@ class Metrics:
     def acquired(self, label: str, role: str, waited: float, ok: bool) -> None:
         """A checkout from *label*'s sub-pool ended after *waited* seconds."""
         metrics = self.instances.get(label) or self.instance(label)
-        metrics.role = role
-        if not ok:
-            metrics.acquire_failures += 1
-        if _count_wait(metrics, role, waited):
+        with self.lock:
+            metrics.fold()
+            metrics.role = role
+            if not ok:
+                metrics.acquire_failures += 1
+            queued = _count_wait(metrics, role, waited)
+        if queued:
             self._sample_waiters()
 
     def reset(self, label: str, elided: bool) -> None:
         metrics = self.instances.get(label) or self.instance(label)
-        if elided:
-            metrics.resets_elided += 1
-        else:
-            metrics.resets_performed += 1
+        with self.lock:
+            if elided:
+                metrics.resets_elided += 1
+            else:
+                metrics.resets_performed += 1
 
     def _statement(self, event: StatementFinished) -> None:
         self.statement(event.instance, event.role, event.outcome, event.duration,

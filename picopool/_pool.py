@@ -580,6 +580,13 @@ class Pool:
         return sum(len(m.acquiring) for m in list(self._membership.members.values()))
 
     def stats(self) -> PoolStats:
+        # Consistent across threads: a Prometheus scrape or an OpenTelemetry export
+        # reads from its own thread while statements go on (see picopool._metrics).
+        with self._metrics.lock:
+            self._metrics.fold()
+            return self._stats()
+
+    def _stats(self) -> PoolStats:
         membership = self._membership
         topology = membership.topology
         metrics = self._metrics

@@ -76,20 +76,21 @@ class PoolCollector(Collector):
         resets = CounterMetricFamily(
             "picopool_resets", "Connections released, by whether the reset was elided",
             labels=[*self._extra, "db_instance", "elided"])
-        for m in list(metrics.instances.values()):  # scraped from another thread: copies
-            for (role, outcome), count in sorted(list(m.statements.items())):
-                statements.add_metric([*x, m.label, role, outcome], count)
-                if outcome != "ok":
-                    errors.add_metric([*x, m.label, role, outcome], count)
-            for role, histogram in sorted(list(m.durations.items())):
-                duration.add_metric([*x, m.label, role], _buckets(histogram), histogram.sum)
-            for role, histogram in sorted(list(m.acquire_wait.items())):
-                wait.add_metric([*x, m.label, role], _buckets(histogram), histogram.sum)
-            acquire_failures.add_metric([*x, m.label], m.acquire_failures)
-            opened.add_metric([*x, m.label], m.connections_opened)
-            lost.add_metric([*x, m.label], m.connections_lost)
-            resets.add_metric([*x, m.label, "true"], m.resets_elided)
-            resets.add_metric([*x, m.label, "false"], m.resets_performed)
+        with metrics.lock:  # scraped from another thread: hold it while reading
+            for m in list(metrics.instances.values()):
+                for (role, outcome), count in sorted(list(m.statements.items())):
+                    statements.add_metric([*x, m.label, role, outcome], count)
+                    if outcome != "ok":
+                        errors.add_metric([*x, m.label, role, outcome], count)
+                for role, histogram in sorted(list(m.durations.items())):
+                    duration.add_metric([*x, m.label, role], _buckets(histogram), histogram.sum)
+                for role, histogram in sorted(list(m.acquire_wait.items())):
+                    wait.add_metric([*x, m.label, role], _buckets(histogram), histogram.sum)
+                acquire_failures.add_metric([*x, m.label], m.acquire_failures)
+                opened.add_metric([*x, m.label], m.connections_opened)
+                lost.add_metric([*x, m.label], m.connections_lost)
+                resets.add_metric([*x, m.label, "true"], m.resets_elided)
+                resets.add_metric([*x, m.label, "false"], m.resets_performed)
         yield from (statements, errors, duration, wait, acquire_failures, opened, lost, resets)
 
         retries = CounterMetricFamily(

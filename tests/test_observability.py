@@ -13,6 +13,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
 
@@ -22,7 +23,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import picopool
-from picopool._metrics import DURATION_BUCKETS, Histogram, SlidingWindow, percentiles
+from picopool._metrics import DURATION_BUCKETS, Histogram, Metrics, SlidingWindow, percentiles
 from picopool._slowlog import redact
 from picopool.cluster import LocalCluster
 
@@ -75,6 +76,83 @@ def test_histogram_buckets_are_cumulative_and_count_everything(values: list[floa
     for bound, count in cumulative:
         assert count == sum(v <= bound for v in values)
     assert histogram.sum == pytest.approx(sum(values))
+
+
+@given(st.lists(st.floats(0, 100, allow_nan=False), max_size=300),
+       st.lists(st.floats(0, 100, allow_nan=False), max_size=50))
+def test_observing_a_batch_is_observing_each(before: list[float], values: list[float]) -> None:
+    one_by_one, batched = Histogram(), Histogram()
+    for v in before:
+        one_by_one.observe(v)
+        batched.observe(v)
+    for v in values:
+        one_by_one.observe(v)
+    batched.observe_many(values)
+    assert batched.buckets == one_by_one.buckets
+    assert batched.count == one_by_one.count
+    assert batched.sum == pytest.approx(one_by_one.sum)
+
+
+_SERVED = st.tuples(st.sampled_from(["primary", "replica"]), st.floats(0, 3, allow_nan=False),
+                    st.floats(0, 0.5, allow_nan=False), st.booleans())
+
+
+@given(st.lists(st.one_of(_SERVED, st.just("failure")), max_size=600))
+def test_folded_successes_add_up_as_if_counted_one_by_one(
+        steps: list[tuple[str, float, float, bool] | str]) -> None:
+    """Metrics.served defers its counting to a fold; the result must be what
+    statement() + acquired() + reset() per statement give, whatever the order of
+    roles, failures in between and fold points."""
+    deferred, direct = Metrics(), Metrics()
+    now = 0.0
+    for step in steps:
+        now += 0.001
+        if step == "failure":
+            for metrics in (deferred, direct):  # counted at once, between deferred ones
+                metrics.acquired("i", "replica", 0.3, False)
+            continue
+        role, duration, waited, elided = step  # type: ignore[misc]
+        deferred.served("i", role, duration, now, waited, elided)
+        direct.statement("i", role, "ok", duration, 0, now)
+        direct.acquired("i", role, waited, True)
+        direct.reset("i", elided)
+    deferred.fold()
+    if not steps:
+        return
+    a, b = deferred.instances["i"], direct.instances["i"]
+    assert a.statements == b.statements
+    assert a.role == b.role
+    assert a.resets_elided == b.resets_elided and a.resets_performed == b.resets_performed
+    assert a.acquire_wait_max == b.acquire_wait_max
+    for mine, theirs in ((a.durations, b.durations), (a.acquire_wait, b.acquire_wait)):
+        assert mine.keys() == theirs.keys()
+        for role in mine:
+            assert mine[role].buckets == theirs[role].buckets
+            assert mine[role].count == theirs[role].count
+    assert a.window.values(now) == b.window.values(now)
+
+
+def test_a_reader_in_another_thread_loses_no_statement() -> None:
+    """Prometheus scrapes from its own thread: a fold there, while statements are
+    counted here, must neither lose nor double-count one."""
+    metrics = Metrics()
+    stop = threading.Event()
+
+    def scrape() -> None:
+        while not stop.is_set():
+            metrics.fold()
+
+    reader = threading.Thread(target=scrape)
+    reader.start()
+    try:
+        for n in range(60_000):
+            metrics.served("i", "replica", 0.001, n * 1e-6, 0.0, True)
+    finally:
+        stop.set()
+        reader.join()
+    metrics.fold()
+    assert metrics.instances["i"].statements[("replica", "ok")] == 60_000
+    assert metrics.instances["i"].durations["replica"].count == 60_000
 
 
 def test_password_literals_are_redacted() -> None:

@@ -191,6 +191,46 @@ async def test_reset_elided_after_a_plain_select(
     assert await resets(clean_db) == start + 7
 
 
+async def test_an_elided_release_makes_no_task_and_survives_cancellation(
+    clean_db: Database, make_pool: PoolFactory
+) -> None:
+    """With nothing to reset, the connection goes back to its sub-pool at once:
+    asyncpg's release would make a task per statement (its shield); picopool
+    makes one only when the release has to wait."""
+    pool = await one_per_instance(make_pool, clean_db, topology_refresh_interval=None)
+    loop = asyncio.get_running_loop()
+    made = 0
+    original = loop.create_task
+
+    def counting(coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+        nonlocal made
+        made += 1
+        return original(coro, **kwargs)
+
+    await pool.fetchval("select 1", role="primary")
+    loop.create_task = counting  # type: ignore[method-assign]
+    try:
+        for value in range(50):
+            assert await pool.fetchval("select $1::int", value, role="primary") == value
+    finally:
+        loop.create_task = original  # type: ignore[method-assign]
+    assert made < 5  # background work only; asyncpg's own release made 50
+
+    # A release that waits (the reset query after a session change) still finishes
+    # when its caller is cancelled mid-release: the one connection comes back clean.
+    start = await resets(clean_db)
+    for _ in range(5):
+        task = asyncio.create_task(pool.execute("set work_mem = '2MB'", role="primary"))
+        await asyncio.sleep(0.002)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert await pool.fetchval("show work_mem", role="primary") != "2MB"
+    assert await resets(clean_db) > start
+    stats = pool.stats()
+    assert sum(i.in_use for i in stats.instances) == 0
+
+
 async def test_elide_reset_false_always_resets(
     clean_db: Database, make_pool: PoolFactory
 ) -> None:
