@@ -133,9 +133,22 @@ class StandInConnection:
         return 0
 
 
+class StandInHolder:
+    """asyncpg's PoolConnectionHolder, as far as picopool's release uses it."""
+
+    _timeout = None
+
+    def __init__(self, pool: StandInSubPool) -> None:
+        self._pool = pool
+
+    async def release(self, timeout: float | None) -> None:
+        return None
+
+
 class StandInProxy:
-    def __init__(self) -> None:
+    def __init__(self, pool: StandInSubPool) -> None:
         self._con = StandInConnection()
+        self._holder = StandInHolder(pool)
 
 
 class StandInSubPool:
@@ -146,7 +159,10 @@ class StandInSubPool:
     _closed = False
 
     def __init__(self) -> None:
-        self._proxy = StandInProxy()
+        self._proxy = StandInProxy(self)
+
+    def _check_init(self) -> None:
+        return None
 
     async def acquire(self, timeout: float | None = None) -> StandInProxy:
         return self._proxy

@@ -37,7 +37,16 @@ from ._member import Member
 from ._membership import Membership
 from ._metrics import Metrics
 from ._outcome import Outcome, Phase, classify_failure, confirm_read_only, may_retry
-from ._routing import Decision, RoleRequest, RoutingPolicy, decide, parse_role, select, spill
+from ._routing import (
+    Decision,
+    ReadWriteSplit,
+    RoleRequest,
+    RoutingPolicy,
+    decide,
+    parse_role,
+    select,
+    spill,
+)
 from ._sql import classify
 from ._sql_probes import DEALLOCATE_SQL_PREPARED
 from ._topology import Instance, Role
@@ -139,13 +148,23 @@ class Executor:
         if max_waiting is not None:
             self.admission = WaitQueue(max_waiting, self._free_member)
             self.admission.closing = lambda: self._membership.closing
+        # read_write_split="prefer_replicas": a spilling read that finds every
+        # connection it may use taken waits for whichever comes back first (a
+        # replica's, or the primary's beyond its write reserve), not in one
+        # replica's queue while the others free up. The same queue as max_waiting=
+        # (which, when set, queues spilling reads with everything else).
+        self.spill_queue: WaitQueue | None = None
+        if policy.split is ReadWriteSplit.PREFER_REPLICAS and self.admission is None:
+            self.spill_queue = WaitQueue(sys.maxsize, self._free_member)
+            self.spill_queue.closing = lambda: self._membership.closing
+        self.queues = tuple(q for q in (self.admission, self.spill_queue) if q is not None)
         self.rate_limiter = RateLimiter(rate_limit) if rate_limit is not None else None
         self._statement_timeout = statement_timeout
         self._run_hooks = statement_timeout is not None or rate_limit is not None
         self._max_lifetime = max_lifetime
         # A connection released with no reset goes straight back to its sub-pool
         # unless something else must happen on release.
-        self._lean_release = max_lifetime is None and self.admission is None
+        self._lean_release = max_lifetime is None and not self.queues
         self.lifetime_closed = 0  # connections closed on release for max_lifetime
 
     # -- deciding ------------------------------------------------------------------------
@@ -269,7 +288,7 @@ class Executor:
         return member, connection
 
     async def checkout(
-        self, request: RoleRequest, timeout: float | None, *,
+        self, request: RoleRequest, timeout: float | None,
         instance: str | None = None, only: Collection[str] | None = None,
     ) -> tuple[Member, Any]:
         """Pick an instance and check a connection out of its sub-pool.
@@ -281,6 +300,8 @@ class Executor:
         if instance is None and only is None and not self._membership.closing:
             if self.admission is not None:
                 return await self._acquire_admitted(self.admission, request, timeout)
+            if request is RoleRequest.SPILL and self.spill_queue is not None:
+                return await self._acquire_admitted(self.spill_queue, request, timeout)
             # The common case, kept lean: a healthy instance and a ready sub-pool.
             candidates = self.cached_candidates(request)
             if request is RoleRequest.SPILL:
@@ -337,11 +358,14 @@ class Executor:
         """A member that may serve *request* with a connection neither in use nor
         reserved for a waiter (the strategy picks among them), or None."""
         candidates = self.cached_candidates(request)
-        if request is RoleRequest.SPILL:
-            candidates = spill(candidates)
         members = self._membership.members
-        free = [c for c in candidates if c.in_use + members[c.instance.id].reserved
-                < c.max_size]
+
+        def taken(candidate: Candidate) -> int:  # promised to a waiter counts too
+            return candidate.in_use + members[candidate.instance.id].reserved
+
+        if request is RoleRequest.SPILL:
+            candidates = spill(candidates, taken)
+        free = [c for c in candidates if taken(c) < c.max_size]
         if not free:
             return None
         return members.get(self._strategy.pick(free).instance.id)
@@ -688,8 +712,8 @@ class Executor:
             if causal_lsn:
                 member, connection = await self.acquire_caught_up(decision.request, causal_lsn)
             else:
-                member, connection = await self.checkout(
-                    decision.request, None, instance=decision.instance)
+                member, connection = await self.checkout(decision.request, None,
+                                                         decision.instance)
             running = member.running
             running[connection] = sent = _now()
             try:
@@ -697,7 +721,9 @@ class Executor:
                 result = await getattr(connection._con, method)(
                     decision.query, *positional, **kwargs)
                 now = _now()
-                member.record_rtt(sent, now)
+                rtt = member.rtt  # the round-trip moving average (alpha 0.2)
+                member.rtt = now - sent if rtt == 0.0 else rtt + 0.2 * (now - sent - rtt)
+                member.rtt_at = now
                 if tracks_writes and self._may_have_written(decision, member):
                     await self.record_write_position(connection._con, scope)
                 del running[connection]
@@ -833,8 +859,7 @@ class Executor:
         member.running.pop(connection, None)
         raw = connection._con
         if raw is None:
-            if self.admission is not None:
-                self.admission.dispatch()
+            self._dispatch()
             return  # asyncpg has released it already (it was terminated)
         if self._max_lifetime is not None and self._expired(raw):
             await self._close_expired(member, connection, raw, timeout)
@@ -856,8 +881,7 @@ class Executor:
             except (Exception, asyncio.CancelledError) as exc:
                 raw.terminate()
                 await _release_closed(member, connection)
-                if self.admission is not None:
-                    self.admission.dispatch()
+                self._dispatch()
                 if quiet and not isinstance(exc, asyncio.CancelledError):
                     logger.debug("reset failed: %s", describe_error(exc))
                     return
@@ -869,8 +893,17 @@ class Executor:
                 raise
             logger.debug("release: %s", describe_error(exc))
         finally:
-            if self.admission is not None:
-                self.admission.dispatch()
+            self._dispatch()
+
+    def _dispatch(self) -> None:
+        """A connection came back: the waiter queues may grant it."""
+        for queue in self.queues:
+            queue.dispatch()
+
+    def wake_waiters(self) -> None:
+        """The pool is closing: every queued caller looks again (and gives up)."""
+        for queue in self.queues:
+            queue.wake_all()
 
     def _expired(self, raw: Any) -> bool:
         """Whether *raw* has outlived ``max_lifetime`` (its jittered deadline)."""
@@ -892,8 +925,7 @@ class Executor:
         try:
             await _release_closed(member, connection)
         finally:
-            if self.admission is not None:
-                self.admission.dispatch()
+            self._dispatch()
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:

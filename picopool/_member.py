@@ -8,7 +8,7 @@ import random
 import time
 from typing import Any
 
-from ._eager import shielded
+from ._eager import finish_shielded
 from ._errors import PoolClosedError
 from ._outcome import is_connection_error, rejected_before_sending
 from ._topology import Instance
@@ -73,8 +73,9 @@ class Member:
         # Readiness (readiness_check=True): False until a connection succeeded and the
         # instance's role was confirmed; no user traffic until then.
         self.confirmed = True
-        # Moving average of pool-level statements' round trips (seconds) and when it
-        # was last updated: what LeastLatency balances on (strategies.LatencySample).
+        # Moving average (alpha 0.2) of pool-level statements' round trips (seconds)
+        # and when it was last updated: what LeastLatency balances on
+        # (strategies.LatencySample). The executor updates it on each success.
         self.rtt = 0.0
         self.rtt_at = 0.0
 
@@ -126,13 +127,19 @@ class Member:
         holder = connection._holder
         holder._pool._check_init()  # a closed sub-pool raises, as asyncpg's release does
         raw._on_release()
-        await shielded(holder.release(holder._timeout if timeout is None else timeout))
-
-    def record_rtt(self, sent: float, now: float) -> None:
-        """Fold one statement's round trip (sent at *sent*, answered at *now*) into ``rtt``."""
-        rtt = self.rtt
-        self.rtt = now - sent if rtt == 0.0 else rtt + 0.2 * (now - sent - rtt)
-        self.rtt_at = now
+        releasing = holder.release(holder._timeout if timeout is None else timeout)
+        try:  # shielded(releasing), inlined: this runs once per statement
+            waiting_on = releasing.send(None)
+        except StopIteration:
+            if self.acquiring:
+                # Tasks wait for a connection here, and one was just woken for
+                # this one: let it run before this task can take the connection
+                # back (asyncio.Queue lets a newcomer barge in, and the woken
+                # waiter would queue again at the back). asyncpg's release task
+                # gives waiters the same turn.
+                await asyncio.sleep(0)
+            return
+        await finish_shielded(releasing, waiting_on)
 
     def record_success(self) -> None:
         self.failures = 0

@@ -131,6 +131,9 @@ class Membership:
         self.last_refresh_error: str | None = None
         self.failures_noted = 0
         self.tasks: set[asyncio.Task[Any]] = set()  # draining sub-pools, expiring connections
+        # Members that left the topology while their sub-pools drain: the liveness
+        # watch still cuts work stuck on them (a drain waits for it to come back).
+        self.draining: set[Member] = set()
         self._background: list[asyncio.Task[None]] = []
         self._refresh_lock = asyncio.Lock()
         self._refreshed = asyncio.Event()  # set after each refresh attempt, then replaced
@@ -244,7 +247,10 @@ class Membership:
             except Exception as exc:
                 logger.warning("closing sub-pool of %s: %s", member.instance.label,
                                describe_error(exc))
+            finally:
+                self.draining.discard(member)
 
+        self.draining.add(member)
         self.spawn(drain())
 
     def spawn(self, coro: Any) -> None:
@@ -642,38 +648,48 @@ class Membership:
                 last_round = now
             suspects = [
                 m for m in self.members.values()
-                if everyone or m.unresponsive or _stalled(m.inflight.values(), now)
-                or _stalled(m.running.values(), now) or _stalled(m.acquiring.values(), now)
-            ]
+                if everyone or m.unresponsive or _stuck(m, now)
+            ] + [m for m in self.draining if not m.unresponsive and _stuck(m, now)]
             if suspects:
                 await asyncio.gather(*(self._check_alive(m) for m in suspects))
 
     async def _check_alive(self, member: Member) -> None:
         """Ping *member*'s instance on the watch's own connection; no answer within
-        the probe timeout is an answer: take it out of service."""
+        the probe timeout is an answer: take it out of service. A member that left
+        the topology (draining) is pinged on a connection of the moment."""
         instance = member.instance
+        kept: Any = None
         try:
             async with asyncio.timeout(self._probe_timeout):
-                connection = self._liveness.get(instance.id)
+                current = self.members.get(instance.id) is member
+                connection = self._liveness.get(instance.id) if current else None
                 if connection is None or connection.is_closed():
                     connection = await self.service._open(instance.address)
-                    if self.closing or self.members.get(instance.id) is not member:
+                    if self.closing:
                         connection.terminate()
                         return
-                    self._liveness[instance.id] = connection
+                    if self.members.get(instance.id) is member:
+                        self._liveness[instance.id] = connection
+                    else:
+                        kept = connection  # not the member's to keep: closed below
                 await connection.fetchval("SELECT 1")
                 overdue = self._overdue(member)
                 if overdue:
                     await self._cut_lost(member, connection, overdue)
         except Exception as exc:
-            stale = self._liveness.pop(instance.id, None)
+            stale = self._liveness.pop(instance.id, None) \
+                if self.members.get(instance.id) is member else None
             if stale is not None:
                 stale.terminate()
             if isinstance(exc, TimeoutError):
                 exc = TimeoutError(f"no answer within {self._probe_timeout:g} s")
-            if not member.unresponsive and self.members.get(instance.id) is member:
+            if not member.unresponsive and (self.members.get(instance.id) is member
+                                            or member in self.draining):
                 self.mark_unresponsive(member, exc)
             return
+        finally:
+            if kept is not None:
+                kept.terminate()
         if member.unresponsive:
             member.unresponsive = False
             logger.warning("instance %s answers again", instance.label)
@@ -729,6 +745,12 @@ class Membership:
 
 def _stalled(since: Any, now: float) -> bool:
     return any(now - started > _STALL_AFTER for started in since)
+
+
+def _stuck(member: Member, now: float) -> bool:
+    """Work has waited on *member* for longer than ``_STALL_AFTER``."""
+    return (_stalled(member.inflight.values(), now) or _stalled(member.running.values(), now)
+            or _stalled(member.acquiring.values(), now))
 
 
 async def _after_asyncpg_housekeeping(connection: Any) -> None:

@@ -187,8 +187,7 @@ class Pool:
         self._closing = True
         try:
             await self._catalog.aclose()
-            if self._executor.admission is not None:
-                self._executor.admission.wake_all()
+            self._executor.wake_waiters()
             await self._membership.aclose()
         except (Exception, asyncio.CancelledError):
             self.terminate()
@@ -203,8 +202,7 @@ class Pool:
         self._closing = True
         self._closed = True
         self._membership.terminate()
-        if self._executor.admission is not None:
-            self._executor.admission.wake_all()
+        self._executor.wake_waiters()
 
     def is_closing(self) -> bool:
         return self._closing

@@ -21,6 +21,10 @@ class RoleRequest(enum.Enum):
     PREFER_REPLICA = "prefer-replica"  # a replica, else the primary
     SPILL = "spill"  # a replica; the primary too while every replica is saturated
 
+    # Members are singletons compared by identity: hash them so too, in C (Enum's
+    # own __hash__ is Python, and requests key per-statement lookups).
+    __hash__ = object.__hash__
+
 
 _BY_NAME = {r.value: r for r in RoleRequest} | {"prefer_replica": RoleRequest.PREFER_REPLICA}
 
@@ -59,29 +63,37 @@ def select(request: RoleRequest, instances: list[Instance]) -> list[Instance]:
     return readers or writable
 
 
-def spill(candidates: list[Candidate]) -> list[Candidate]:
+def spill(candidates: list[Candidate],
+          busy: Callable[[Candidate], int] | None = None) -> list[Candidate]:
     """Where a ``SPILL`` read may go now, among *candidates* (``select``'s answer).
 
     The replicas that have a free connection; when every replica's connections
     are all in use, the primary too, but only while it keeps a reserve of
     ``max_size // 4`` connections (at least one) free for writes; else every
     replica (the read waits for one, as it would without the primary). With no
-    replica at all, the primary (``fallback_to_primary``).
+    replica at all, the primary (``fallback_to_primary``). *busy* counts a
+    candidate's connections taken (default: ``in_use``; the waiter queue adds
+    the ones it has promised).
     """
+    taken: Callable[[Candidate], int] = _in_use if busy is None else busy
     free: list[Candidate] = []
     readers = 0
     for candidate in candidates:
         if not candidate.instance.role.writable:
             readers += 1
-            if candidate.in_use < candidate.max_size:
+            if taken(candidate) < candidate.max_size:
                 free.append(candidate)
     if free:
         return free
     if not readers:
         return candidates
     spare = [c for c in candidates if c.instance.role.writable
-             and c.in_use < c.max_size - max(1, c.max_size // 4)]
+             and taken(c) < c.max_size - max(1, c.max_size // 4)]
     return spare or [c for c in candidates if not c.instance.role.writable]
+
+
+def _in_use(candidate: Candidate) -> int:
+    return candidate.in_use
 
 
 class ReadWriteSplit(enum.Enum):

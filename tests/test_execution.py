@@ -140,6 +140,29 @@ async def tenant_setup(connection: Any) -> None:
         await connection.execute(f"set application_name = '{name}'")
 
 
+async def test_a_waiting_caller_is_served_before_the_releaser_takes_the_connection_back(
+        cluster: LocalCluster, make_pool: PoolFactory) -> None:
+    """A statement's connection goes back to its sub-pool without a task. The task
+    that released it must not take it again before a caller that was already
+    waiting (asyncio.Queue lets a newcomer barge in; the woken waiter would queue
+    again at the back and starve behind a busy loop)."""
+    pool = await make_pool(cluster.dsn, min_size=1, max_size=1)
+    order: list[str] = []
+
+    async def busy() -> None:
+        for _ in range(30):
+            await pool.fetchval("select pg_sleep(0.01)", role="primary")
+            order.append("busy")
+
+    async def waiter() -> None:
+        await asyncio.sleep(0.05)
+        await pool.fetchval("select 1", role="primary")
+        order.append("waiter")
+
+    await asyncio.gather(busy(), waiter())
+    assert order.index("waiter") <= 10, order  # served within a statement of waiting
+
+
 async def test_setup_state_does_not_leak_to_the_next_user(
         cluster: LocalCluster, make_pool: PoolFactory) -> None:
     """Defect 4: the next pool-level statement must not run with the previous user's

@@ -21,6 +21,7 @@ Each test's docstring names the defect it covers.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import time
 import uuid
@@ -35,6 +36,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import picopool
+from picopool import Role
 from picopool.cluster import LocalCluster, LocalNode
 from picopool.discovery import Streaming
 
@@ -486,6 +488,49 @@ async def test_defect16_a_write_on_a_black_holed_primary_surfaces(
     assert done, f"the write on a black-holed primary still hangs after {elapsed:.1f} s"
     assert write.exception() is not None, "a write on a black-holed primary succeeded?"
     assert elapsed <= 10.5, f"the write surfaced only after {elapsed:.1f} s"
+
+
+class _WithoutThePrimary:
+    """The streaming provider's answer without its primary: as if it left."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def discover(self, ctx: Any) -> Any:
+        found = await self._inner.discover(ctx)
+        return dataclasses.replace(found, instances=tuple(
+            i for i in found.instances if i.role is not Role.PRIMARY))
+
+
+@pytest.mark.timeout(120)
+async def test_work_stuck_on_an_instance_that_left_the_topology_is_cut(
+    faulty: Faulty
+) -> None:
+    """A refresh drops an instance while a write is swallowed on it: its sub-pool
+    drains (waiting for the write's connection), and the liveness watch must still
+    find the write stuck and cut it, not leave it hanging until drain_timeout."""
+    table = await new_table(faulty.cluster, "left_write")
+    pool = await faulty.pool(defaults=True, topology_refresh_interval=None)
+    assert await pool.execute(f"INSERT INTO {table} VALUES ('warm', 0)") == "INSERT 0 1"
+    faulty.primary.arm(Fault.BLACK_HOLE, match=f"INSERT INTO {table} VALUES ('stuck'")
+    started = time.monotonic()
+    write = asyncio.create_task(pool.execute(f"INSERT INTO {table} VALUES ('stuck', 1)"))
+    await asyncio.sleep(0.1)  # on the wire, swallowed; the watch has not looked yet
+    membership = pool._membership
+    membership.provider = _WithoutThePrimary(membership.provider)  # type: ignore[assignment]
+    await pool.refresh_topology()
+    assert all(m.instance.role is not Role.PRIMARY for m in membership.members.values())
+    done, _ = await asyncio.wait({write}, timeout=10)
+    elapsed = time.monotonic() - started
+    if not done:
+        write.cancel()
+        await asyncio.wait({write}, timeout=5)
+    assert done, f"the write on the departed primary still hangs after {elapsed:.1f} s"
+    assert write.exception() is not None
+    assert elapsed <= 6, f"the write surfaced only after {elapsed:.1f} s"
 
 
 # -- the property: writes at most once, acknowledged writes exactly once -------------

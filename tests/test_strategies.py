@@ -368,6 +368,22 @@ def test_spill_uses_the_primary_only_when_every_replica_is_saturated(
         assert chosen == replicas  # the primary's reserve is for writes: wait for a replica
 
 
+@given(st.integers(min_value=1, max_value=12), st.integers(min_value=0, max_value=12),
+       st.integers(min_value=0, max_value=12))
+def test_spill_counts_connections_promised_to_waiters_against_the_reserve(
+        max_size: int, in_use: int, promised: int) -> None:
+    """The waiter queue promises connections before they are checked out: the
+    primary's write reserve holds whether a connection is in use or promised."""
+    in_use = min(in_use, max_size)
+    promised = min(promised, max_size - in_use)
+    primary = member_of(0, Role.PRIMARY, in_use, max_size)
+    replica = member_of(1, Role.REPLICA, max_size, max_size)  # saturated
+    taken = {primary.instance.id: in_use + promised, replica.instance.id: max_size}
+    chosen = spill([primary, replica], lambda c: taken[c.instance.id])
+    reserve = max(1, max_size // 4)
+    assert chosen == ([primary] if in_use + promised < max_size - reserve else [replica])
+
+
 def test_spill_over_peers_or_unprobed_instances_uses_them_all() -> None:
     pool = [member_of(i, role, 5, 5) for i, role in enumerate([Role.PEER, Role.UNKNOWN])]
     assert spill(pool) == pool
@@ -394,6 +410,33 @@ async def test_prefer_replicas_spills_reads_to_the_primary_only_under_saturation
     finally:
         for connection in held:
             await pool.release(connection)
+
+
+@pytest.mark.integration
+async def test_a_spilling_read_takes_whichever_connection_frees_first(
+        cluster: LocalCluster, make_pool: PoolFactory) -> None:
+    """Every connection a read may use is busy: it waits for the first to come
+    back, on any instance, not in the queue of the one replica it happened to
+    pick (which, here, stays busy for 3 s)."""
+    pool = await make_pool(cluster.dsn, read_write_split="prefer_replicas", min_size=2,
+                           max_size=2)
+    # The primary's reserve is one of its two connections: one read may spill there.
+    slow = [asyncio.create_task(pool.fetchval("SELECT pg_sleep(3)")) for _ in range(4)]
+    await asyncio.sleep(0.5)  # both replicas saturated
+    short = asyncio.create_task(pool.fetchval("SELECT pg_sleep(0.3), inet_server_port()"))
+    await asyncio.sleep(0.1)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    port = await pool.fetchval("SELECT inet_server_port()")  # waits: all five are taken
+    waited = loop.time() - started
+    try:
+        assert port == cluster.primary.port  # the connection that came back first
+        assert waited < 1.5  # not the 2.4 s left on the replicas
+        assert await short is None
+    finally:
+        for task in slow:
+            task.cancel()
+        await asyncio.gather(*slow, return_exceptions=True)
 
 
 @pytest.mark.integration
