@@ -1,7 +1,7 @@
 """picopool next to asyncpg, hasql, pgbouncer and pgpool-II, in one process, interleaved.
 
     python bench/compare.py [--seconds 1.0] [--rounds 8] [--output BENCHMARKS.md]
-    python bench/compare.py --smoke      # ~30 s end to end, writes to a temp dir
+    python bench/compare.py --smoke      # ~12 s end to end, writes to a temp dir
 
 Starts everything it needs: a primary and two streaming replicas
 (``LocalCluster``), a pgbouncer (transaction mode) in front of the primary, a

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -25,6 +26,19 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+def _signal_and_wait(pid: int, signum: int, timeout: float) -> None:
+    """Signal *pid*; SIGKILL it if it has not exited after *timeout* seconds."""
+    try:
+        os.kill(pid, signum)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            os.kill(pid, 0)
+            time.sleep(0.02)
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
 
 
 class _Daemon:
@@ -53,15 +67,31 @@ class _Daemon:
         self.stop()
         raise RuntimeError(f"{command[-1]} did not start: {log.read_text()[-2000:]}")
 
+    #: The signal that shuts the daemon down without waiting for its clients, and
+    #: where it writes its PID (runuser, which started it, does not always pass a
+    #: signal on: the daemon is signalled directly).
+    stop_signal = signal.SIGTERM
+    pid_file = ""
+
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
+            daemon = self._daemon_pid()
+            if daemon is not None:
+                _signal_and_wait(daemon, self.stop_signal, 10)
+            else:
+                self.process.terminate()
             try:
                 self.process.wait(10)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(10)
         shutil.rmtree(self.directory, ignore_errors=True)
+
+    def _daemon_pid(self) -> int | None:
+        try:
+            return int((self.directory / self.pid_file).read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
 
     def __enter__(self) -> _Daemon:
         return self
@@ -72,6 +102,8 @@ class _Daemon:
 
 class PgBouncer(_Daemon):
     """pgbouncer in transaction mode in front of one server."""
+
+    pid_file = "pgbouncer.pid"  # SIGTERM: its immediate shutdown
 
     def __init__(self, node: LocalNode, password: str, *, pool_size: int = 8) -> None:
         super().__init__("picopool-pgbouncer-")
@@ -99,6 +131,9 @@ pidfile = {self.directory}/pgbouncer.pid
 
 class PgPool(_Daemon):
     """pgpool-II in streaming-replication mode with read load balancing over *cluster*."""
+
+    stop_signal = signal.SIGQUIT  # its immediate shutdown (SIGTERM waits for clients)
+    pid_file = "pgpool.pid"
 
     def __init__(self, cluster: LocalCluster, *, num_init_children: int = 80) -> None:
         super().__init__("picopool-pgpool-")
