@@ -19,7 +19,7 @@ from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
-__all__ = ["finish_shielded", "shielded"]
+__all__ = ["shielded"]
 
 
 async def shielded(coroutine: Coroutine[Any, Any, T]) -> T:
@@ -28,13 +28,6 @@ async def shielded(coroutine: Coroutine[Any, Any, T]) -> T:
         waiting_on = coroutine.send(None)
     except StopIteration as finished:
         return finished.value  # type: ignore[no-any-return]
-    return await finish_shielded(coroutine, waiting_on)
-
-
-async def finish_shielded(coroutine: Coroutine[Any, Any, T], waiting_on: Any) -> T:
-    """The rest of :func:`shielded`, for a caller that ran the first step itself
-    (``coroutine.send(None)`` yielded *waiting_on* instead of finishing): a hot
-    path saves a coroutine that way."""
     rest = asyncio.get_running_loop().create_task(_resume(coroutine, waiting_on))
     return await asyncio.shield(rest)
 

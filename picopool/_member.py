@@ -8,7 +8,7 @@ import random
 import time
 from typing import Any
 
-from ._eager import finish_shielded
+from ._eager import shielded
 from ._errors import PoolClosedError
 from ._outcome import is_connection_error, rejected_before_sending
 from ._topology import Instance
@@ -127,19 +127,14 @@ class Member:
         holder = connection._holder
         holder._pool._check_init()  # a closed sub-pool raises, as asyncpg's release does
         raw._on_release()
-        releasing = holder.release(holder._timeout if timeout is None else timeout)
-        try:  # shielded(releasing), inlined: this runs once per statement
-            waiting_on = releasing.send(None)
-        except StopIteration:
-            if self.acquiring:
-                # Tasks wait for a connection here, and one was just woken for
-                # this one: let it run before this task can take the connection
-                # back (asyncio.Queue lets a newcomer barge in, and the woken
-                # waiter would queue again at the back). asyncpg's release task
-                # gives waiters the same turn.
-                await asyncio.sleep(0)
-            return
-        await finish_shielded(releasing, waiting_on)
+        await shielded(holder.release(holder._timeout if timeout is None else timeout))
+        if self.acquiring:
+            # Tasks wait for a connection here, and one was just woken for this one:
+            # let it run before this task can take the connection back
+            # (asyncio.Queue lets a newcomer barge in, and the woken waiter would
+            # queue again at the back). asyncpg's release task gives waiters the
+            # same turn.
+            await asyncio.sleep(0)
 
     def record_success(self) -> None:
         self.failures = 0

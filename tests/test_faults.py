@@ -31,6 +31,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from conftest import POOL_DEFAULTS
 from harness.faultproxy import Fault, FaultProxy, retarget
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -45,16 +46,8 @@ pytestmark = pytest.mark.integration
 #: What a lost connection may surface as (NoAvailableInstanceError is an InterfaceError).
 LOST = (asyncpg.InterfaceError, asyncpg.PostgresConnectionError, OSError)
 
-#: Small, quick pools (sizes are per instance).
-SMALL: dict[str, Any] = {
-    "min_size": 1,
-    "max_size": 2,
-    "topology_refresh_interval": 0.5,
-    "connect_timeout": 2.0,
-    "failover_timeout": 5.0,
-    "drain_timeout": 5.0,
-    "health_check_interval": None,
-}
+#: Small, quick pools (sizes are per instance): the suite's, without health checks.
+SMALL: dict[str, Any] = {**POOL_DEFAULTS, "health_check_interval": None}
 
 
 # -- the cluster, the proxies, the pools ---------------------------------------------
