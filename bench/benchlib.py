@@ -151,12 +151,22 @@ class StandInProxy:
         self._holder = StandInHolder(pool)
 
 
+class StandInQueue:
+    """No free holder to take at once: picopool calls the stand-in's acquire."""
+
+    _queue: tuple[()] = ()
+    _getters: tuple[()] = ()
+
+
 class StandInSubPool:
     """Just enough of asyncpg.Pool for picopool's fast path."""
 
     _initialized = True
     _initializing = False
     _closed = False
+    _closing = False
+    _queue = StandInQueue()
+    _reset = None  # not picopool's: the release goes through the holder
 
     def __init__(self) -> None:
         self._proxy = StandInProxy(self)

@@ -9,6 +9,12 @@ release return at once. ``pool.fetchval`` then costs only picopool's own work
 calls made directly on the stand-in are subtracted. Compare the result with
 the client CPU per query that ``bench/overhead.py`` prints for bare asyncpg.
 Each figure is the best of --rounds rounds.
+
+The stand-in is checked out through its ``acquire``, so these figures leave out
+what picopool saves by taking a free connection without asyncpg's acquire and
+release coroutines (``Member.take``, ``Member.give_back``). The last line
+measures that part on its own: a checkout and release with nothing run, on
+the real sub-pool, through asyncpg's pool and through picopool's member.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ async def run(calls: int, rounds: int) -> None:
     try:
         for elide in (False, True):
             await measure(cluster, calls, rounds, elide)
+        await checkout_cycle(cluster, calls, rounds)
     finally:
         await asyncio.to_thread(cluster.stop)
 
@@ -76,6 +83,33 @@ async def measure(cluster: LocalCluster, calls: int, rounds: int, elide: bool) -
     print(f"{'reset elided' if elide else 'with reset  '}: pool.fetchval through "
           f"picopool: {ours:.2f} us; the same calls made directly: {bare:.2f} us; "
           f"picopool's own cost: {ours - bare:.2f} us per statement")
+
+
+async def checkout_cycle(cluster: LocalCluster, calls: int, rounds: int) -> None:
+    """A connection checked out and given back, nothing run on it: asyncpg's
+    ``acquire``/``release`` against picopool's ``take``/``give_back``."""
+    pool = await picopool.create_pool(
+        cluster.primary.dsn, discovery=Static(), min_size=1, max_size=1,
+        topology_refresh_interval=None, health_check_interval=None)
+    [member] = pool._membership.members.values()
+    sub_pool = member.pool
+
+    async def asyncpg_cycle() -> None:
+        await sub_pool.release(await sub_pool.acquire())
+
+    async def picopool_cycle() -> None:
+        connection = member.take()
+        rest = member.give_back(connection)
+        if rest is not None:
+            await rest
+
+    try:
+        theirs = min([await per_call(calls, asyncpg_cycle) for _ in range(rounds)])
+        ours = min([await per_call(calls, picopool_cycle) for _ in range(rounds)])
+    finally:
+        await pool.close()
+    print(f"checkout and release, nothing run: asyncpg's pool {theirs:.2f} us; "
+          f"picopool's member {ours:.2f} us")
 
 
 def main() -> None:

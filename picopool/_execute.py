@@ -309,16 +309,19 @@ class Executor:
             if candidates:
                 member = self._membership.members[self._strategy.pick(candidates).instance.id]
                 if member.failures == 0 and member.ready:
-                    acquiring = member.acquiring
-                    task = _current_task()
-                    acquiring[task] = started = _now()
-                    try:
-                        connection = await member.pool.acquire(timeout=timeout)
-                    except (Exception, asyncio.CancelledError) as exc:
-                        acquiring.pop(task, None)
-                        return await self._checkout_failed(member, request, exc, started,
-                                                           timeout)
-                    del acquiring[task]
+                    started = _now()
+                    connection = member.take(timeout)  # a free connection, without waiting
+                    if connection is None:
+                        acquiring = member.acquiring  # seen by the liveness watch
+                        task = _current_task()
+                        acquiring[task] = started
+                        try:
+                            connection = await member.pool.acquire(timeout=timeout)
+                        except (Exception, asyncio.CancelledError) as exc:
+                            acquiring.pop(task, None)
+                            return await self._checkout_failed(member, request, exc,
+                                                               started, timeout)
+                        del acquiring[task]
                     if self._events.on:
                         self._acquired(member, request, started, True)
                     if self._check_idle_after is not None and self._idle_too_long(
@@ -774,7 +777,11 @@ class Executor:
                 if self._check_idle_after is not None:
                     self._membership.last_used[connection._con] = now
                 try:
-                    await member.release(connection)
+                    rest = member.give_back(connection)
+                    if rest is not None:
+                        await rest
+                    if member.acquiring:  # let a woken waiter have it (Member.release)
+                        await asyncio.sleep(0)
                 except Exception as exc:  # the statement's result stands
                     logger.debug("release: %s", describe_error(exc))
                 return result

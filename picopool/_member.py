@@ -6,14 +6,49 @@ import asyncio
 import contextlib
 import random
 import time
+from collections.abc import Coroutine
 from typing import Any
+
+import asyncpg.connection
+import asyncpg.pool
 
 from ._eager import shielded
 from ._errors import PoolClosedError
 from ._outcome import is_connection_error, rejected_before_sending
 from ._topology import Instance
 
-__all__ = ["Member", "is_connection_error", "rejected_before_sending"]
+__all__ = ["Member", "is_connection_error", "no_reset", "rejected_before_sending"]
+
+
+async def no_reset(connection: Any) -> None:
+    """The sub-pools' reset callback when neither the user's nor the provider's
+    replaces it: nothing more.
+
+    asyncpg rolls back an open transaction and drops listeners before calling
+    it; picopool runs (or, where provably unneeded, skips) the reset query
+    itself before releasing (see ``Executor.release``).
+    """
+
+
+def _knows_asyncpg_internals() -> bool:
+    """Whether asyncpg's pool has the shape :meth:`Member.take` and
+    :meth:`Member.give_back` rely on (asyncpg 0.30 to 0.32 have it). If a
+    later asyncpg changes it, both always take asyncpg's own way instead."""
+    holder = asyncpg.pool.PoolConnectionHolder
+    return (
+        {"_con", "_pool", "_proxy", "_max_queries", "_setup", "_in_use",
+         "_inactive_callback", "_timeout", "_generation"} <= set(holder.__slots__)
+        and all(callable(getattr(holder, name, None)) for name in (
+            "_maybe_cancel_inactive_callback", "_setup_inactive_callback", "_release"))
+        and {"_queue", "_generation", "_reset", "_closing", "_initialized", "_closed",
+             "_loop"} <= set(asyncpg.pool.Pool.__slots__)
+        and {"_protocol", "_top_xact", "_listeners", "_log_listeners"}
+        <= set(asyncpg.connection.Connection.__slots__)
+    )
+
+
+_FAST = _knows_asyncpg_internals()
+_Proxy = asyncpg.pool.PoolConnectionProxy
 
 
 class Member:
@@ -116,18 +151,67 @@ class Member:
                 self.pool = None  # asyncpg marks a pool whose init failed as closed
             raise
 
-    async def release(self, connection: Any, timeout: float | None = None) -> None:
-        """Give a checked-out connection back to its sub-pool: asyncpg's
-        ``Pool.release``, with its shield made only if the release has to wait
-        (a query to run, a cancellation to finish, a connection to close); see
-        :mod:`picopool._eager`."""
+    def take(self, timeout: float | None = None) -> Any:
+        """A free connection of the ready sub-pool, checked out at once, or None
+        if that would mean waiting (none free, callers already waiting for one,
+        a connection to open or a ``setup=`` to run): then ``pool.acquire()``.
+
+        This is asyncpg's own acquire for the case where it never waits, done
+        without its five coroutines: the holder ends up as ``acquire()`` leaves it.
+        """
+        pool = self.pool
+        queue = pool._queue
+        if not _FAST or not queue._queue or queue._getters or pool._closing:
+            return None
+        holder = queue.get_nowait()  # asyncpg's queue: its choice of holder
+        raw = holder._con
+        if raw is None or raw.is_closed() or holder._generation != pool._generation \
+                or holder._setup is not None:
+            queue.put_nowait(holder)  # asyncpg's acquire reconnects it
+            return None
+        holder._maybe_cancel_inactive_callback()
+        holder._proxy = proxy = _Proxy(holder, raw)
+        holder._in_use = pool._loop.create_future()
+        holder._timeout = timeout  # acquire()'s, the default for release() as in asyncpg
+        return proxy
+
+    def give_back(self, connection: Any,
+                  timeout: float | None = None) -> Coroutine[Any, Any, None] | None:
+        """Start returning *connection* to its sub-pool (asyncpg's
+        ``Pool.release``): None if that is done, else the rest to await.
+
+        A release that has nothing to wait for (no transaction to roll back, no
+        reset callback of the user's, no cancellation still in progress, no
+        connection to close) is done here, as asyncpg's own release would do it
+        without its coroutines. The rest runs under a shield made only then
+        (see :mod:`picopool._eager`).
+        """
         raw = connection._con
         if raw is None:
-            return  # released already (asyncpg releases a connection it terminates)
+            return None  # released already (asyncpg releases a connection it terminates)
         holder = connection._holder
-        holder._pool._check_init()  # a closed sub-pool raises, as asyncpg's release does
+        pool = holder._pool
+        pool._check_init()  # a closed sub-pool raises, as asyncpg's release does
         raw._on_release()
-        await shielded(holder.release(holder._timeout if timeout is None else timeout))
+        if _FAST and pool._reset is no_reset and holder._in_use is not None:
+            protocol = raw._protocol
+            if not raw.is_closed() and protocol.queries_count < holder._max_queries \
+                    and holder._generation == pool._generation \
+                    and not protocol._is_cancelling() \
+                    and not protocol.is_in_transaction() and raw._top_xact is None:
+                holder._timeout = None
+                raw._listeners.clear()
+                raw._log_listeners.clear()
+                holder._release()
+                holder._setup_inactive_callback()
+                return None
+        return shielded(holder.release(holder._timeout if timeout is None else timeout))
+
+    async def release(self, connection: Any, timeout: float | None = None) -> None:
+        """Give a checked-out connection back to its sub-pool (:meth:`give_back`)."""
+        rest = self.give_back(connection, timeout)
+        if rest is not None:
+            await rest
         if self.acquiring:
             # Tasks wait for a connection here, and one was just woken for this one:
             # let it run before this task can take the connection back

@@ -22,7 +22,7 @@ from ._events import (
     RefreshFailed,
     TopologyChanged,
 )
-from ._member import Member
+from ._member import Member, no_reset
 from ._quietlog import QuietFloor, quiet_sub_pool
 from ._service import ServiceConnections
 from ._sql_probes import ELISION_SAFE_QUERY, REPLICA_LAG_QUERY
@@ -488,7 +488,7 @@ class Membership:
         # asyncpg always rolls back and drops listeners first; then this callback.
         # Without one of the user's or the provider's, picopool runs asyncpg's
         # reset itself before releasing (see Executor.release).
-        options["reset"] = self._user_reset or self._provider_reset or _after_asyncpg_housekeeping
+        options["reset"] = self._user_reset or self._provider_reset or no_reset
         options["init"] = self._connection_opened(instance, options.get("init"))
         self.picopool_resets = self._user_reset is None and self._provider_reset is None
         pool = asyncpg.create_pool(asyncpg_dsn(self.dsn), **options,
@@ -752,10 +752,3 @@ def _stuck(member: Member, now: float) -> bool:
     return (_stalled(member.inflight.values(), now) or _stalled(member.running.values(), now)
             or _stalled(member.acquiring.values(), now))
 
-
-async def _after_asyncpg_housekeeping(connection: Any) -> None:
-    """The sub-pools' reset callback when nobody else's replaces it: nothing more.
-
-    asyncpg has rolled back any open transaction and dropped listeners; picopool
-    ran (or, where provably unneeded, skipped) the reset query before releasing.
-    """

@@ -231,6 +231,107 @@ async def test_an_elided_release_makes_no_task_and_survives_cancellation(
     assert sum(i.in_use for i in stats.instances) == 0
 
 
+class AsyncpgCalls:
+    """Counts calls into asyncpg's own acquire and release coroutines."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.acquires = self.releases = 0
+        acquire, release = asyncpg.pool.Pool._acquire, asyncpg.pool.PoolConnectionHolder.release
+
+        async def counted_acquire(pool: Any, timeout: float | None) -> Any:
+            self.acquires += 1
+            return await acquire(pool, timeout)
+
+        async def counted_release(holder: Any, timeout: float | None) -> None:
+            self.releases += 1
+            await release(holder, timeout)
+
+        monkeypatch.setattr(asyncpg.pool.Pool, "_acquire", counted_acquire)
+        monkeypatch.setattr(asyncpg.pool.PoolConnectionHolder, "release", counted_release)
+
+
+def primary_sub_pool(pool: picopool.Pool) -> Any:
+    return next(m.pool for m in pool._membership.members.values()
+                if m.instance.role.writable)
+
+
+async def test_a_free_connection_is_taken_and_returned_without_asyncpgs_coroutines(
+    clean_db: Database, make_pool: PoolFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A statement that finds a live connection free, and leaves nothing to undo,
+    checks it out and back in without asyncpg's five acquire coroutines and its
+    release's four: the holder ends in the state asyncpg's own would leave."""
+    pool = await one_per_instance(make_pool, clean_db, topology_refresh_interval=None)
+    pid = await pool.fetchval("select pg_backend_pid()", role="primary")
+    calls = AsyncpgCalls(monkeypatch)
+    for value in range(50):
+        assert await pool.fetchval("select $1::int", value, role="primary") == value
+    assert (calls.acquires, calls.releases) == (0, 0)
+    sub_pool = primary_sub_pool(pool)
+    [holder] = sub_pool._holders
+    assert sub_pool.get_idle_size() == sub_pool.get_size() == 1
+    assert holder._in_use is None and holder._proxy is None and holder._timeout is None
+    assert holder._inactive_callback is not None  # max_inactive_connection_lifetime
+    assert await pool.fetchval("select pg_backend_pid()", role="primary") == pid
+
+    # A connection that died while idle: asyncpg's acquire opens a new one.
+    holder._con.terminate()
+    assert await pool.fetchval("select pg_backend_pid()", role="primary") != pid
+    assert calls.acquires == 1
+
+    # The session changed: picopool's reset runs, then the connection goes back.
+    start = await resets(clean_db)
+    await pool.execute("set work_mem = '3MB'", role="primary")
+    assert await resets(clean_db) == start + 1
+    assert await pool.fetchval("show work_mem", role="primary") != "3MB"
+
+
+async def test_releases_that_must_wait_go_through_asyncpg(
+    clean_db: Database, make_pool: PoolFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reset callback of the user's runs on every release, and a connection
+    past max_queries is closed: both are asyncpg's own release."""
+    reset_calls = 0
+
+    async def user_reset(connection: Any) -> None:
+        nonlocal reset_calls
+        reset_calls += 1
+
+    pool = await one_per_instance(make_pool, clean_db, topology_refresh_interval=None,
+                                  reset=user_reset)
+    await pool.fetchval("select 1", role="primary")
+    calls, reset_calls = AsyncpgCalls(monkeypatch), 0
+    for value in range(5):
+        assert await pool.fetchval("select $1::int", value, role="primary") == value
+    assert reset_calls == calls.releases == 5
+    assert calls.acquires == 0
+
+    pool = await one_per_instance(make_pool, clean_db, topology_refresh_interval=None,
+                                  max_queries=3)
+    pids = [await pool.fetchval("select pg_backend_pid()", role="primary")
+            for _ in range(7)]
+    assert len(set(pids)) == 3  # a new connection after every third query
+    assert sum(i.in_use for i in pool.stats().instances) == 0
+
+
+async def test_a_connection_left_in_a_transaction_is_rolled_back_by_asyncpg(
+    clean_db: Database, make_pool: PoolFactory
+) -> None:
+    """give_back leaves a connection still in a transaction to asyncpg's release,
+    which rolls it back before anyone else gets it."""
+    pool = await one_per_instance(make_pool, clean_db, topology_refresh_interval=None)
+    await pool.fetchval("select 1", role="primary")
+    member = next(m for m in pool._membership.members.values() if m.instance.role.writable)
+    connection = member.take()
+    assert connection is not None and member.take() is None  # the only one is taken
+    await connection._con.execute(f"begin; insert into {S}.plain_t values (1)")
+    rest = member.give_back(connection)
+    assert rest is not None
+    await rest
+    assert await pool.fetchval(f"select count(*) from {S}.plain_t", role="primary") == 0
+    assert sum(i.in_use for i in pool.stats().instances) == 0
+
+
 async def test_elide_reset_false_always_resets(
     clean_db: Database, make_pool: PoolFactory
 ) -> None:
