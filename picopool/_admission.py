@@ -198,7 +198,19 @@ class _Waiter:
     def __init__(self, request: Any, seq: int, future: asyncio.Future[Any]) -> None:
         self.request = request
         self.seq = seq
-        self.future = future
+        self.future = future  # its grant: a member, or None (look again: closing)
+
+
+_LOOK_AGAIN: Any = object()
+
+
+def _look_again(waiter: _Waiter) -> None:
+    """A waiter's poll timer: wake it without a grant. It gets a fresh future
+    first, so that a grant made before it runs again is not lost."""
+    future = waiter.future
+    if not future.done():
+        waiter.future = future.get_loop().create_future()
+        future.set_result(_LOOK_AGAIN)
 
 
 class WaitQueue:
@@ -251,22 +263,28 @@ class WaitQueue:
         self.waiting += 1
         started = loop.time()
         deadline = None if timeout is None else started + timeout
-        future = waiter.future
         try:
-            while not future.done():
+            while True:
                 if self.closing():
                     raise PoolClosedError("pool is closing")
                 poll = _POLL if deadline is None else min(_POLL, deadline - loop.time())
                 if poll <= 0:
                     raise TimeoutError
-                await asyncio.wait((future,), timeout=poll)
-                if not future.done():
-                    self.dispatch()
+                # The grant itself wakes this task (one turn of the loop, as a
+                # waiter of asyncpg's queue); the timer only makes it look again.
+                timer = loop.call_later(poll, _look_again, waiter)
+                try:
+                    granted = await waiter.future
+                finally:
+                    timer.cancel()
+                if granted is not _LOOK_AGAIN:
+                    break
+                self.dispatch()
         except (Exception, asyncio.CancelledError):
             self._abandon(waiter)
             raise
         self.waited_total += loop.time() - started
-        return future.result()
+        return granted
 
     def _abandon(self, waiter: _Waiter) -> None:
         """A waiter leaves without its grant: never hand it one; pass one on."""

@@ -389,20 +389,23 @@ class Executor:
         checked: Any = None
         try:
             if member.failures == 0 and member.ready:  # lean, as the fast path
-                task = _current_task()
-                started = member.acquiring[task] = _now()
-                try:
-                    connection = await member.pool.acquire(timeout=timeout)
-                except (Exception, asyncio.CancelledError) as exc:
+                started = _now()
+                connection = member.take(timeout)
+                if connection is None:
+                    task = _current_task()
+                    member.acquiring[task] = started
+                    try:
+                        connection = await member.pool.acquire(timeout=timeout)
+                    except (Exception, asyncio.CancelledError) as exc:
+                        member.acquiring.pop(task, None)
+                        self._acquired(member, request, started, False)
+                        outcome = self._acquire_failed(member, exc, timeout,
+                                                       _now() - started, None, {})
+                        if outcome is None:
+                            raise
+                        return await self._acquire_carefully(
+                            request, timeout, None, None, {member.instance.id})
                     member.acquiring.pop(task, None)
-                    self._acquired(member, request, started, False)
-                    outcome = self._acquire_failed(member, exc, timeout,
-                                                   _now() - started, None, {})
-                    if outcome is None:
-                        raise
-                    return await self._acquire_carefully(
-                        request, timeout, None, None, {member.instance.id})
-                member.acquiring.pop(task, None)
                 if self._events.on:
                     self._acquired(member, request, started, True)
                 checked = connection if self._check_idle_after is None or \

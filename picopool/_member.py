@@ -30,10 +30,17 @@ async def no_reset(connection: Any) -> None:
     """
 
 
-def _knows_asyncpg_internals() -> bool:
-    """Whether asyncpg's pool has the shape :meth:`Member.take` and
-    :meth:`Member.give_back` rely on (asyncpg 0.30 to 0.32 have it). If a
-    later asyncpg changes it, both always take asyncpg's own way instead."""
+def _knows_asyncpg_internals(version: str) -> bool:
+    """Whether asyncpg's pool is one whose internals :meth:`Member.take` and
+    :meth:`Member.give_back` were checked against (0.30 to 0.32), with the
+    shape they rely on. Any other asyncpg always takes its own way instead:
+    correct, only slower."""
+    try:
+        major, minor = (int(part) for part in version.split(".")[:2])
+    except ValueError:
+        return False
+    if not (0, 30) <= (major, minor) <= (0, 32):
+        return False
     holder = asyncpg.pool.PoolConnectionHolder
     return (
         {"_con", "_pool", "_proxy", "_max_queries", "_setup", "_in_use",
@@ -47,7 +54,7 @@ def _knows_asyncpg_internals() -> bool:
     )
 
 
-_FAST = _knows_asyncpg_internals()
+_FAST = _knows_asyncpg_internals(asyncpg.__version__)
 _Proxy = asyncpg.pool.PoolConnectionProxy
 
 

@@ -20,6 +20,7 @@ import asyncpg
 import pytest
 
 import picopool
+import picopool._member
 from picopool.cluster import LocalCluster, LocalNode
 
 pytestmark = pytest.mark.integration
@@ -284,6 +285,26 @@ async def test_a_free_connection_is_taken_and_returned_without_asyncpgs_coroutin
     await pool.execute("set work_mem = '3MB'", role="primary")
     assert await resets(clean_db) == start + 1
     assert await pool.fetchval("show work_mem", role="primary") != "3MB"
+
+
+def test_the_shortcut_is_kept_to_the_asyncpg_versions_it_was_checked_against() -> None:
+    known = picopool._member._knows_asyncpg_internals
+    assert known(asyncpg.__version__) is picopool._member._FAST
+    assert known("0.30.0") and known("0.32.1")
+    for version in ("0.29.0", "0.33.0", "1.0.0", "dev", ""):
+        assert not known(version)
+
+
+async def test_without_the_shortcut_asyncpg_takes_and_releases(
+    clean_db: Database, make_pool: PoolFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(picopool._member, "_FAST", False)
+    pool = await one_per_instance(make_pool, clean_db, topology_refresh_interval=None)
+    calls = AsyncpgCalls(monkeypatch)
+    for value in range(5):
+        assert await pool.fetchval("select $1::int", value, role="primary") == value
+    assert (calls.acquires, calls.releases) == (5, 5)
+    assert sum(i.in_use for i in pool.stats().instances) == 0
 
 
 async def test_releases_that_must_wait_go_through_asyncpg(
