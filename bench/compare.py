@@ -216,13 +216,28 @@ def write_report(output: Path, sections: dict[str, Any], meta: dict[str, str]) -
     print(f"wrote {output} and {charts}/*.png", flush=True)
 
 
+def _import_pyplot() -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot
+
+
+def _stop_daemons(*daemons: PgBouncer | PgPool | None) -> None:
+    for daemon in daemons:
+        if daemon is not None:
+            daemon.stop()
+
+
 async def run(seconds: float, rounds: int, concurrencies: list[int], output: Path) -> None:
     load_before = os.getloadavg()[0]
     # Every contender's pool is open at once: 32 callers x 7 contenders per server.
     cluster = LocalCluster(replicas=2, settings={"max_connections": "500"})
+    # matplotlib loads while the servers start (a second of the smoke run).
+    charting = asyncio.ensure_future(asyncio.to_thread(_import_pyplot))
     await asyncio.to_thread(cluster.start)
     bouncer: PgBouncer | None = None
     pgpool: PgPool | None = None
+    stopping: asyncio.Future[None] | None = None
     try:
         try:
             bouncer = PgBouncer(cluster.primary, cluster.password, pool_size=32).start()
@@ -238,16 +253,21 @@ async def run(seconds: float, rounds: int, concurrencies: list[int], output: Pat
                 results = await interleave(calls, concurrency=concurrency, seconds=seconds,
                                            rounds=rounds)
             sections["point"][concurrency] = point_report(concurrency, results)
+        # Only the point reads use the poolers: they stop (pgpool-II takes about 2 s)
+        # while the rest runs.
+        stopping = asyncio.ensure_future(asyncio.to_thread(_stop_daemons, bouncer, pgpool))
         sections["capacity"] = await read_capacity.measure(
             cluster, seconds=seconds if benchlib.WARM_UP < 0.2 else max(seconds, 1.0),
             rounds=rounds)
         sections["skew"] = await latency_skew.measure(
             cluster, seconds=seconds, rounds=rounds, concurrency=8)
     finally:
-        for daemon in (bouncer, pgpool):
-            if daemon is not None:
-                daemon.stop()
+        if stopping is None:
+            await asyncio.to_thread(_stop_daemons, bouncer, pgpool)
+        else:
+            await stopping
         await asyncio.to_thread(cluster.stop)
+        await charting
     meta = {"machine": f"{os.cpu_count()} cores, {platform.platform(terse=True)}, "
                        f"Python {platform.python_version()}, asyncpg {asyncpg.__version__}",
             "rounds": str(rounds), "seconds": f"{seconds:g}",
