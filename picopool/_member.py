@@ -156,6 +156,11 @@ class Member:
         except BaseException:
             if self.pool is pool:
                 self.pool = None  # asyncpg marks a pool whose init failed as closed
+            # asyncpg >= 0.31 terminates what a failed start-up had opened; 0.30
+            # leaves those connections open.
+            for holder in getattr(pool, "_holders", ()):
+                with contextlib.suppress(Exception):
+                    holder.terminate()
             raise
 
     def take(self, timeout: float | None = None) -> Any:
