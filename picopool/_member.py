@@ -41,21 +41,26 @@ def _knows_asyncpg_internals(version: str) -> bool:
         return False
     if not (0, 30) <= (major, minor) <= (0, 32):
         return False
-    holder = asyncpg.pool.PoolConnectionHolder
+    holder = getattr(asyncpg.pool, "PoolConnectionHolder", None)
     return (
-        {"_con", "_pool", "_proxy", "_max_queries", "_setup", "_in_use",
-         "_inactive_callback", "_timeout", "_generation"} <= set(holder.__slots__)
+        callable(getattr(asyncpg.pool, "PoolConnectionProxy", None))
+        and {"_con", "_pool", "_proxy", "_max_queries", "_setup", "_in_use",
+         "_inactive_callback", "_timeout", "_generation"} <= _slots(holder)
         and all(callable(getattr(holder, name, None)) for name in (
             "_maybe_cancel_inactive_callback", "_setup_inactive_callback", "_release"))
         and {"_queue", "_generation", "_reset", "_closing", "_initialized", "_closed",
-             "_loop"} <= set(asyncpg.pool.Pool.__slots__)
+             "_loop"} <= _slots(asyncpg.pool.Pool)
         and {"_protocol", "_top_xact", "_listeners", "_log_listeners"}
-        <= set(asyncpg.connection.Connection.__slots__)
+        <= _slots(asyncpg.connection.Connection)
     )
 
 
+def _slots(cls: Any) -> set[str]:
+    return set(getattr(cls, "__slots__", ()))
+
+
 _FAST = _knows_asyncpg_internals(asyncpg.__version__)
-_Proxy = asyncpg.pool.PoolConnectionProxy
+_Proxy: Any = getattr(asyncpg.pool, "PoolConnectionProxy", None)
 
 
 class Member:
@@ -171,9 +176,11 @@ class Member:
         This is asyncpg's own acquire for the case where it never waits, done
         without its five coroutines: the holder ends up as ``acquire()`` leaves it.
         """
+        if not _FAST:
+            return None
         pool = self.pool
         queue = pool._queue
-        if not _FAST or not queue._queue or queue._getters or pool._closing:
+        if not queue._queue or queue._getters or pool._closing:
             return None
         holder = queue.get_nowait()  # asyncpg's queue: its choice of holder
         raw = holder._con
