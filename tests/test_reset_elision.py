@@ -287,12 +287,22 @@ async def test_a_free_connection_is_taken_and_returned_without_asyncpgs_coroutin
     assert await pool.fetchval("show work_mem", role="primary") != "3MB"
 
 
-def test_the_shortcut_is_kept_to_the_asyncpg_versions_it_was_checked_against() -> None:
+def test_the_shortcut_is_kept_to_the_asyncpg_versions_it_was_checked_against(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     known = picopool._member._knows_asyncpg_internals
     assert known(asyncpg.__version__) is picopool._member._FAST
     assert known("0.30.0") and known("0.32.1")
     for version in ("0.29.0", "0.33.0", "1.0.0", "dev", ""):
         assert not known(version)
+
+    class Reshaped:  # a holder without the slots the shortcut relies on
+        __slots__ = ("_con", "_pool")
+
+    monkeypatch.setattr(asyncpg.pool, "PoolConnectionHolder", Reshaped)
+    assert not known("0.32.0")
+    monkeypatch.delattr(asyncpg.pool, "PoolConnectionHolder")
+    assert not known("0.32.0")
 
 
 async def test_without_the_shortcut_asyncpg_takes_and_releases(
