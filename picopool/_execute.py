@@ -338,8 +338,9 @@ class Executor:
     async def _checkout_failed(self, member: Member, request: RoleRequest,
                                exc: BaseException, started: float,
                                timeout: float | None) -> tuple[Member, Any]:
-        """The fast path's checkout failed: raise *exc* if it is the caller's to
-        see, or go on with the careful path elsewhere."""
+        """A lean checkout (the fast path's, or a granted waiter's) failed: raise
+        *exc* if it is the caller's to see, or go on with the careful path elsewhere,
+        within what is left of *timeout*."""
         self._acquired(member, request, started, False)
         elapsed = _now() - started
         if timeout is not None:  # what is left of the caller's timeout
@@ -398,13 +399,8 @@ class Executor:
                         connection = await member.pool.acquire(timeout=timeout)
                     except (Exception, asyncio.CancelledError) as exc:
                         member.acquiring.pop(task, None)
-                        self._acquired(member, request, started, False)
-                        outcome = self._acquire_failed(member, exc, timeout,
-                                                       _now() - started, None, {})
-                        if outcome is None:
-                            raise
-                        return await self._acquire_carefully(
-                            request, timeout, None, None, {member.instance.id})
+                        return await self._checkout_failed(member, request, exc,
+                                                           started, timeout)
                     member.acquiring.pop(task, None)
                 if self._events.on:
                     self._acquired(member, request, started, True)
@@ -780,11 +776,7 @@ class Executor:
                 if self._check_idle_after is not None:
                     self._membership.last_used[connection._con] = now
                 try:
-                    rest = member.give_back(connection)
-                    if rest is not None:
-                        await rest
-                    if member.acquiring:  # let a woken waiter have it (Member.release)
-                        await asyncio.sleep(0)
+                    await member.release(connection)
                 except Exception as exc:  # the statement's result stands
                     logger.debug("release: %s", describe_error(exc))
                 return result

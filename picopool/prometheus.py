@@ -77,6 +77,7 @@ class PoolCollector(Collector):
             "picopool_resets", "Connections released, by whether the reset was elided",
             labels=[*self._extra, "db_instance", "elided"])
         with metrics.lock:  # scraped from another thread: hold it while reading
+            metrics.fold()  # what ran since stats() above
             for m in list(metrics.instances.values()):
                 for (role, outcome), count in sorted(list(m.statements.items())):
                     statements.add_metric([*x, m.label, role, outcome], count)
