@@ -139,8 +139,19 @@ async def orm_list_items(pool: Pool, session: Session,
             except DBAPIError as exc:
                 # A read-only session may run again: the replica it was on died under it
                 # (picopool retries pool-level reads itself; a session is the app's own).
-                await session.close()
+                await close_after_reading(session)
                 if attempt == 2 or not exc.connection_invalidated:
                     raise
-        await session.close()
+        await close_after_reading(session)
     return [{"id": i.id, "name": i.name} for i in items]
+
+
+async def close_after_reading(session: AsyncSession) -> None:
+    """Close a session that has only read. If its replica died since the read,
+    closing it (a rollback) fails on the dead connection, but there is nothing to
+    roll back: the rows are read, so that is no error."""
+    try:
+        await session.close()
+    except DBAPIError as exc:
+        if not exc.connection_invalidated:
+            raise
