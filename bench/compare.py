@@ -146,8 +146,8 @@ def _chart(path: Path, title: str, rows: list[dict[str, Any]], key: str, label: 
     errors = [[(s.median - s.q1) * scale for s in spreads],
               [(s.q3 - s.median) * scale for s in spreads]]
     figure, axes = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.2))
-    colours = ["#d62728" if n.startswith("picopool") or n in ("LeastLatency",
-               "prefer_replicas") else "#7f7f7f" for n in names]
+    colours = ["#d62728" if n.startswith(("picopool", "prefer_replicas"))
+               or n == "LeastLatency" else "#7f7f7f" for n in names]
     axes.barh(names, medians, xerr=errors, color=colours, capsize=3)
     axes.invert_yaxis()
     axes.set_xlabel(label)

@@ -10,7 +10,9 @@ cost the writes. Contenders, interleaved in rounds (see benchlib):
 
 * ``1 instance``        picopool over the primary alone
 * ``replicas``          picopool over the cluster, default split (reads on replicas)
-* ``prefer_replicas``   reads spill to the primary while both replicas are saturated
+* ``prefer_replicas``   reads spill to the primary while both replicas are saturated,
+                        leaving it one connection for writes (the default reserve)
+* ``prefer_replicas, write_reserve=0``  the same, but spilled reads may take all four
 * ``include_primary``   reads on every instance all the time
 * ``hasql``             hasql 0.10, ``master_as_replica_weight=1.0`` (the primary is
                         a replica like the others), greedy balancer
@@ -95,6 +97,12 @@ async def contenders(cluster: LocalCluster,
                                               read_write_split=split, **options)
             closers.append(pool.close)
             result[split] = (pool.fetchval, pool.execute)
+            if split == "prefer_replicas":
+                pool = await picopool.create_pool(cluster.dsn, discovery=Streaming(),
+                                                  read_write_split=split, write_reserve=0,
+                                                  **options)
+                closers.append(pool.close)
+                result[f"{split}, write_reserve=0"] = (pool.fetchval, pool.execute)
         if with_hasql:
             manager = await _hasql(hosts_dsn(cluster.password, [n.port for n in cluster.nodes]))
             if manager is not None:
@@ -157,7 +165,7 @@ async def measure(cluster: LocalCluster, *, seconds: float, rounds: int,
         scale: Spread = ratios([r.reads for r in rounds_], base)
         p50 = spread([r.write_p50 for r in rounds_])
         p99 = spread([r.write_p99 for r in rounds_])
-        print(f"  {name:<16} {reads.fmt(1, 0):>20} reads/s  vs 1 instance {scale.fmt()}x  "
+        print(f"  {name:<34} {reads.fmt(1, 0):>20} reads/s  vs 1 instance {scale.fmt()}x  "
               f"writes p50 {p50.fmt(1e3)} ms  p99 {p99.fmt(1e3)} ms", flush=True)
         rows.append({"name": name, "reads": reads, "scale": scale, "write_p50": p50,
                      "write_p99": p99})

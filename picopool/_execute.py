@@ -116,6 +116,7 @@ class Executor:
         self._events: Events = membership.events
         self._strategy = strategy
         self._policy = policy
+        self._write_reserve = policy.write_reserve
         self._catalog = catalog
         self._check_volatility = check_function_volatility
         self._failover_timeout = failover_timeout
@@ -305,7 +306,7 @@ class Executor:
             # The common case, kept lean: a healthy instance and a ready sub-pool.
             candidates = self.cached_candidates(request)
             if request is RoleRequest.SPILL:
-                candidates = spill(candidates)
+                candidates = spill(candidates, None, self._write_reserve)
             if candidates:
                 member = self._membership.members[self._strategy.pick(candidates).instance.id]
                 if member.failures == 0 and member.ready:
@@ -368,7 +369,7 @@ class Executor:
             return candidate.in_use + members[candidate.instance.id].reserved
 
         if request is RoleRequest.SPILL:
-            candidates = spill(candidates, taken)
+            candidates = spill(candidates, taken, self._write_reserve)
         free = [c for c in candidates if taken(c) < c.max_size]
         if not free:
             return None
@@ -434,7 +435,7 @@ class Executor:
         while True:
             candidates = self.candidates(request, excluded, only)
             if request is RoleRequest.SPILL:
-                candidates = spill(candidates)
+                candidates = spill(candidates, None, self._write_reserve)
             if not candidates:
                 remaining = deadline - loop.time()
                 if remaining <= 0:

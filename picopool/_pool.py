@@ -717,6 +717,7 @@ def create_pool(
     connect_timeout: float = 5.0,
     read_write_split: str = "replicas",
     fallback_to_primary: bool = True,
+    write_reserve: int | None = None,
     write_functions: Collection[str] = (),
     check_function_volatility: bool = False,
     router: Callable[[str, str], str | None] | None = None,
@@ -758,9 +759,13 @@ def create_pool(
     ``failover_timeout`` bounds how long a request waits for an instance to
     serve it when none is available and no ``timeout`` was given.
 
-    Routing: ``read_write_split`` is ``"replicas"``, ``"include_primary"`` or
-    ``"off"``; ``fallback_to_primary`` sends reads to the primary when no replica
-    can serve; ``write_functions`` names functions that write;
+    Routing: ``read_write_split`` is ``"replicas"``, ``"prefer_replicas"``,
+    ``"include_primary"`` or ``"off"``; ``fallback_to_primary`` sends reads to the
+    primary when no replica can serve; ``write_reserve`` is how many of the
+    primary's connections ``"prefer_replicas"`` keeps from spilled reads for writes
+    (default a quarter of ``max_size``, at least one; ``0`` lets reads take them
+    all, and writes then wait behind reads); ``write_functions`` names functions
+    that write;
     ``check_function_volatility`` asks pg_proc about user functions; ``router``
     and ``rewrite`` are user hooks. Replicas behind ``max_replica_lag_bytes`` /
     ``max_replica_lag_seconds`` get no reads. ``read_your_writes=True`` makes
@@ -801,8 +806,16 @@ def create_pool(
         raise ConfigurationError(
             f"read_write_split must be one of {[m.value for m in ReadWriteSplit]}"
         ) from None
+    if write_reserve is not None and (
+            isinstance(write_reserve, bool) or not isinstance(write_reserve, int)
+            or write_reserve < 0):
+        raise ConfigurationError(
+            f"write_reserve must be None or an int >= 0, not {write_reserve!r}")
+    if write_reserve is not None and split is not ReadWriteSplit.PREFER_REPLICAS:
+        raise ConfigurationError(
+            "write_reserve applies to read_write_split='prefer_replicas' only")
     policy = RoutingPolicy(
-        split=split, fallback_to_primary=fallback_to_primary,
+        split=split, fallback_to_primary=fallback_to_primary, write_reserve=write_reserve,
         # calls are matched by their last name part, as the classifier reports them
         write_functions=frozenset(f.lower().rsplit(".", 1)[-1] for f in write_functions),
         router=router, rewrite=rewrite, elide_reset=elide_reset,

@@ -64,16 +64,17 @@ def select(request: RoleRequest, instances: list[Instance]) -> list[Instance]:
 
 
 def spill(candidates: list[Candidate],
-          busy: Callable[[Candidate], int] | None = None) -> list[Candidate]:
+          busy: Callable[[Candidate], int] | None = None,
+          reserve: int | None = None) -> list[Candidate]:
     """Where a ``SPILL`` read may go now, among *candidates* (``select``'s answer).
 
     The replicas that have a free connection; when every replica's connections
-    are all in use, the primary too, but only while it keeps a reserve of
-    ``max_size // 4`` connections (at least one) free for writes; else every
-    replica (the read waits for one, as it would without the primary). With no
-    replica at all, the primary (``fallback_to_primary``). *busy* counts a
-    candidate's connections taken (default: ``in_use``; the waiter queue adds
-    the ones it has promised).
+    are all in use, the primary too, but only while it keeps *reserve*
+    connections free for writes (``write_reserve=``; by default
+    ``write_reserve_for(max_size)``); else every replica (the read waits for
+    one, as it would without the primary). With no replica at all, the primary
+    (``fallback_to_primary``). *busy* counts a candidate's connections taken
+    (default: ``in_use``; the waiter queue adds the ones it has promised).
     """
     taken: Callable[[Candidate], int] = _in_use if busy is None else busy
     free: list[Candidate] = []
@@ -88,8 +89,15 @@ def spill(candidates: list[Candidate],
     if not readers:
         return candidates
     spare = [c for c in candidates if c.instance.role.writable
-             and taken(c) < c.max_size - max(1, c.max_size // 4)]
+             and taken(c) < c.max_size - (
+                 write_reserve_for(c.max_size) if reserve is None else reserve)]
     return spare or [c for c in candidates if not c.instance.role.writable]
+
+
+def write_reserve_for(max_size: int) -> int:
+    """The primary's connections that spilled reads leave to writes by default:
+    a quarter, at least one."""
+    return max(1, max_size // 4)
 
 
 def _in_use(candidate: Candidate) -> int:
@@ -113,6 +121,7 @@ class RoutingPolicy:
     router: Callable[[str, str], str | None] | None = None
     rewrite: Callable[[str], str] | None = None
     elide_reset: bool = True
+    write_reserve: int | None = None  # prefer_replicas: None is write_reserve_for(max_size)
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,8 +13,9 @@ from conftest import PoolFactory
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import picopool
 from picopool import Address, Instance, Role
-from picopool._routing import spill
+from picopool._routing import spill, write_reserve_for
 from picopool.cluster import LocalCluster
 from picopool.strategies import (
     BalanceStrategy,
@@ -346,17 +347,19 @@ def member_of(index: int, role: Role, in_use: int, max_size: int) -> Candidate:
 
 
 @given(st.integers(min_value=1, max_value=12), st.integers(min_value=0, max_value=12),
-       st.lists(st.integers(min_value=0, max_value=12), max_size=4))
+       st.lists(st.integers(min_value=0, max_value=12), max_size=4),
+       st.none() | st.integers(min_value=0, max_value=14))
 def test_spill_uses_the_primary_only_when_every_replica_is_saturated(
-        max_size: int, primary_in_use: int, replica_in_use: list[int]) -> None:
+        max_size: int, primary_in_use: int, replica_in_use: list[int],
+        write_reserve: int | None) -> None:
     primary_in_use = min(primary_in_use, max_size)
     pool = [member_of(0, Role.PRIMARY, primary_in_use, max_size)] + [
         member_of(i + 1, Role.REPLICA, min(load, max_size), max_size)
         for i, load in enumerate(replica_in_use)]
-    chosen = spill(pool)
+    chosen = spill(pool, None, write_reserve)
     replicas = pool[1:]
     free = [c for c in replicas if c.in_use < max_size]
-    reserve = max(1, max_size // 4)
+    reserve = max(1, max_size // 4) if write_reserve is None else write_reserve
     assert chosen  # never empty
     if not replicas:
         assert chosen == pool  # no replica: the primary, as fallback_to_primary does
@@ -368,10 +371,18 @@ def test_spill_uses_the_primary_only_when_every_replica_is_saturated(
         assert chosen == replicas  # the primary's reserve is for writes: wait for a replica
 
 
+@given(st.integers(min_value=1, max_value=64))
+def test_the_default_write_reserve_is_a_quarter_of_the_primary_and_never_none(
+        max_size: int) -> None:
+    reserve = write_reserve_for(max_size)
+    assert 1 <= reserve <= max_size
+    assert reserve == max(1, max_size // 4)
+
+
 @given(st.integers(min_value=1, max_value=12), st.integers(min_value=0, max_value=12),
-       st.integers(min_value=0, max_value=12))
+       st.integers(min_value=0, max_value=12), st.none() | st.integers(0, 14))
 def test_spill_counts_connections_promised_to_waiters_against_the_reserve(
-        max_size: int, in_use: int, promised: int) -> None:
+        max_size: int, in_use: int, promised: int, write_reserve: int | None) -> None:
     """The waiter queue promises connections before they are checked out: the
     primary's write reserve holds whether a connection is in use or promised."""
     in_use = min(in_use, max_size)
@@ -379,8 +390,8 @@ def test_spill_counts_connections_promised_to_waiters_against_the_reserve(
     primary = member_of(0, Role.PRIMARY, in_use, max_size)
     replica = member_of(1, Role.REPLICA, max_size, max_size)  # saturated
     taken = {primary.instance.id: in_use + promised, replica.instance.id: max_size}
-    chosen = spill([primary, replica], lambda c: taken[c.instance.id])
-    reserve = max(1, max_size // 4)
+    chosen = spill([primary, replica], lambda c: taken[c.instance.id], write_reserve)
+    reserve = max(1, max_size // 4) if write_reserve is None else write_reserve
     assert chosen == ([primary] if in_use + promised < max_size - reserve else [replica])
 
 
@@ -410,6 +421,48 @@ async def test_prefer_replicas_spills_reads_to_the_primary_only_under_saturation
     finally:
         for connection in held:
             await pool.release(connection)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("write_reserve", [0, 2])
+async def test_write_reserve_sets_how_many_primary_connections_spilled_reads_leave(
+        cluster: LocalCluster, make_pool: PoolFactory, write_reserve: int) -> None:
+    """Replicas saturated: spilled reads take the primary's connections up to
+    ``max_size - write_reserve``, and the next read waits for a replica."""
+    pool = await make_pool(cluster.dsn, read_write_split="prefer_replicas", min_size=3,
+                           max_size=3, write_reserve=write_reserve)
+    slow = [asyncio.create_task(pool.fetchval("SELECT pg_sleep(3)")) for _ in range(6)]
+    try:
+        await asyncio.sleep(0.5)  # both replicas saturated
+        spilled = [asyncio.create_task(pool.fetchval(
+            "SELECT inet_server_port() FROM pg_sleep(1)")) for _ in range(3)]
+        await asyncio.sleep(0.5)
+        primary, = [m for m in pool._membership.members.values() if m.instance.role.writable]
+        assert primary.in_use() == 3 - write_reserve  # reads on the primary, the rest waits
+        with pytest.raises(TimeoutError):  # every connection a read may take is busy
+            await asyncio.wait_for(pool.fetchval("SELECT 1"), 0.2)
+        if write_reserve:  # writes find their reserve free
+            await asyncio.wait_for(pool.execute("SELECT 1 /* picopool: role=primary */"), 0.2)
+        # The replicas stay busy: the reads that waited follow on the primary.
+        assert set(await asyncio.gather(*spilled)) == {cluster.primary.port}
+    finally:
+        for task in slow:
+            task.cancel()
+        await asyncio.gather(*slow, return_exceptions=True)
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "1", True])
+async def test_write_reserve_must_be_a_count(bad: object) -> None:
+    with pytest.raises(picopool.ConfigurationError, match="write_reserve"):
+        picopool.create_pool("postgres://u@127.0.0.1:1/db", read_write_split="prefer_replicas",
+                             write_reserve=bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("split", ["replicas", "include_primary", "off"])
+async def test_write_reserve_is_refused_where_reads_never_spill(split: str) -> None:
+    with pytest.raises(picopool.ConfigurationError, match="prefer_replicas"):
+        picopool.create_pool("postgres://u@127.0.0.1:1/db", read_write_split=split,
+                             write_reserve=1)
 
 
 @pytest.mark.integration
