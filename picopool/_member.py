@@ -48,8 +48,8 @@ def _knows_asyncpg_internals(version: str) -> bool:
          "_inactive_callback", "_timeout", "_generation"} <= _slots(holder)
         and all(callable(getattr(holder, name, None)) for name in (
             "_maybe_cancel_inactive_callback", "_setup_inactive_callback", "_release"))
-        and {"_queue", "_generation", "_reset", "_closing", "_initialized", "_closed",
-             "_loop"} <= _slots(asyncpg.pool.Pool)
+        and {"_queue", "_generation", "_reset", "_closing", "_initialized", "_initializing",
+             "_closed", "_loop", "_maxsize"} <= _slots(asyncpg.pool.Pool)
         and {"_protocol", "_top_xact", "_listeners", "_log_listeners"}
         <= _slots(asyncpg.connection.Connection)
     )
@@ -262,6 +262,10 @@ class Member:
         """Connections checked out: O(1) from the sub-pool's queue of free holders
         (asyncpg's own get_size()/get_idle_size() walk every holder)."""
         pool = self.pool
+        if _FAST:  # read by every load-aware pick: `ready` and the two numbers, inline
+            if pool is None or not pool._initialized or pool._initializing or pool._closed:
+                return 0
+            return pool._maxsize - len(pool._queue._queue)  # type: ignore[no-any-return]
         if pool is None or not self.ready:
             return 0
         queue = getattr(pool, "_queue", None)

@@ -317,6 +317,28 @@ async def test_without_the_shortcut_asyncpg_takes_and_releases(
     assert sum(i.in_use for i in pool.stats().instances) == 0
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["shortcut", "asyncpg-api"])
+async def test_in_use_counts_what_asyncpg_counts(
+    clean_db: Database, make_pool: PoolFactory, monkeypatch: pytest.MonkeyPatch, fast: bool
+) -> None:
+    """Load-aware strategies read ``in_use`` on every pick: read from asyncpg's
+    internals or through its API, it is what asyncpg's own sizes say."""
+    monkeypatch.setattr(picopool._member, "_FAST", fast)
+    pool = await make_pool(clean_db.dsn, min_size=1, max_size=3, health_check_interval=None,
+                           topology_refresh_interval=None)
+    member = next(m for m in pool._membership.members.values() if m.instance.role.writable)
+    sub_pool = member.pool
+    held = []
+    for count in range(1, 4):
+        held.append(await pool.acquire(role="primary"))
+        assert member.in_use() == sub_pool.get_size() - sub_pool.get_idle_size() == count
+    for count in range(2, -1, -1):
+        await pool.release(held.pop())
+        assert member.in_use() == sub_pool.get_size() - sub_pool.get_idle_size() == count
+    await sub_pool.close()
+    assert member.in_use() == 0  # a closed sub-pool has nothing in use
+
+
 async def test_releases_that_must_wait_go_through_asyncpg(
     clean_db: Database, make_pool: PoolFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -93,12 +93,11 @@ class LeastConnections:
         self._counter = itertools.count()
 
     def pick(self, candidates: Sequence[Candidate]) -> Candidate:
-        def load(candidate: Candidate) -> float:
-            weight = candidate.instance.weight if candidate.instance.weight > 0 else 1.0
-            return candidate.in_use / weight
-
-        lowest = min(load(c) for c in candidates)
-        tied = [c for c in candidates if load(c) == lowest]
+        # Each load read once: in_use is read live, and it is the costly part.
+        loads = [c.in_use / (c.instance.weight if c.instance.weight > 0 else 1.0)
+                 for c in candidates]
+        lowest = min(loads)
+        tied = [c for c, load in zip(candidates, loads, strict=True) if load == lowest]
         return tied[next(self._counter) % len(tied)]
 
     def __repr__(self) -> str:
@@ -146,18 +145,23 @@ class LeastLatency:
         if second >= first:
             second += 1
         a, b = candidates[first], candidates[second]
-        return a if self.cost(a) <= self.cost(b) else b
+        now = self._clock()
+        return a if self._cost(a, now) <= self._cost(b, now) else b
 
     def cost(self, candidate: Candidate) -> float:
         """The expected wait on *candidate*: its decayed round trip, weighted by load."""
+        return self._cost(candidate, self._clock())
+
+    def _cost(self, candidate: Candidate, now: float) -> float:
         sample = candidate.latency
         if sample is None:
             return float(candidate.in_use + 1)  # unmeasured: least connections
         rtt = sample.rtt
-        if rtt > 0.0:
-            age = self._clock() - sample.rtt_at
-            if age > self._decay:
-                rtt *= self._decay / age
+        if rtt == 0.0:
+            return 0.0  # unmeasured: tried at once
+        age = now - sample.rtt_at
+        if age > self._decay:
+            rtt *= self._decay / age
         return rtt * (1.0 + candidate.in_use / max(candidate.max_size, 1))
 
     def __repr__(self) -> str:
