@@ -806,14 +806,14 @@ def create_pool(
         raise ConfigurationError(
             f"read_write_split must be one of {[m.value for m in ReadWriteSplit]}"
         ) from None
-    if write_reserve is not None and (
-            isinstance(write_reserve, bool) or not isinstance(write_reserve, int)
-            or write_reserve < 0):
-        raise ConfigurationError(
-            f"write_reserve must be None or an int >= 0, not {write_reserve!r}")
-    if write_reserve is not None and split is not ReadWriteSplit.PREFER_REPLICAS:
-        raise ConfigurationError(
-            "write_reserve applies to read_write_split='prefer_replicas' only")
+    if write_reserve is not None:
+        if isinstance(write_reserve, bool) or not isinstance(write_reserve, int) \
+                or write_reserve < 0:
+            raise ConfigurationError(
+                f"write_reserve must be None or an int >= 0, not {write_reserve!r}")
+        if split is not ReadWriteSplit.PREFER_REPLICAS:
+            raise ConfigurationError(
+                "write_reserve applies to read_write_split='prefer_replicas' only")
     policy = RoutingPolicy(
         split=split, fallback_to_primary=fallback_to_primary, write_reserve=write_reserve,
         # calls are matched by their last name part, as the classifier reports them
